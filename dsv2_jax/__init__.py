@@ -1,0 +1,18 @@
+"""dsv2-jax: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in JAX / Flax NNX."""
+
+from dsv2_jax.config import ConfigError, ModelConfig
+from dsv2_jax.hf_checkpoint import load_hf
+from dsv2_jax.model import DeepseekV2, abstract_model, init_model
+from dsv2_jax.safetensors_io import CheckpointError
+
+
+def load_model(path, dtype="float32", **config_overrides) -> DeepseekV2:
+    """Loads a model from an HF DeepSeek-V2 directory (config.json + safetensors, single or sharded).
+
+    `dtype` ("float32" | "bfloat16") is the parameter and compute dtype; the MoE router stays fp32.
+    `config_overrides` set implementation fields such as moe_impl="reference" or attention_impl="xla".
+    """
+    return load_hf(path, dtype, **config_overrides)
+
+
+__all__ = ["CheckpointError", "ConfigError", "DeepseekV2", "ModelConfig", "abstract_model", "init_model", "load_model"]

@@ -1,0 +1,52 @@
+"""Building blocks shared by MLA and MoE: parameter creation with logical axes, RMSNorm, SwiGLU MLP.
+
+Every parameter carries `axes`: logical axis names (one per dimension) that `sharding.py` maps onto mesh axes.
+Layer stacks are built by passing `stack=(L,)`: the parameter gets a leading "layers" dimension and the
+module's __call__ runs on one slice of it inside a scan.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # HF initializer_range
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, stack=(), init: str = "normal") -> nnx.Param:
+    """A parameter of shape stack+shape; `rngs=None` leaves it zero-filled (weights loaded afterwards)."""
+    assert len(shape) == len(axes), (shape, axes)
+    full = tuple(stack) + tuple(shape)
+    if init == "ones":
+        value = jnp.ones(full, dtype)
+    elif rngs is None:
+        value = jnp.zeros(full, dtype)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), full, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=("layers",) * len(stack) + tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axis_name: str = "norm", stack=()):
+        self.scale = param(None, (dim,), (axis_name,), dtype, stack, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        # Normalise in fp32 and cast back before the scale, as the reference does.
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x·W_gate) * x·W_up); used for dense layers and the shared experts."""
+
+    def __init__(self, hidden: int, inter: int, dtype, rngs, stack=(), inter_axis: str = "mlp"):
+        self.w_gate = param(rngs, (hidden, inter), ("embed", inter_axis), dtype, stack)
+        self.w_up = param(rngs, (hidden, inter), ("embed", inter_axis), dtype, stack)
+        self.w_down = param(rngs, (inter, hidden), (inter_axis, "embed"), dtype, stack)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
+        return h @ self.w_down[...]

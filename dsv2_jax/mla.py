@@ -1,0 +1,96 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1).
+
+Keys and values are compressed into one latent c_KV (kv_lora_rank) per token plus one shared post-RoPE key
+k_rope (qk_rope_head_dim). Two equivalent ways to attend over them:
+  * expanded: decompress K/V per head with W_UK / W_UV, then ordinary attention (prefill, training);
+  * absorbed: fold W_UK into the query and W_UV into the output, so attention runs directly on the latent
+    cache as MQA with one 576-dim key and 512-dim value (decode: reads 576 elements per cached token).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv2_jax.config import ModelConfig
+from dsv2_jax.layers import RMSNorm, param
+from dsv2_jax.rope import apply_rope
+
+NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
+
+
+def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    return jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+
+
+def causal_segment_mask(segment_ids: jnp.ndarray | None, batch: int, length: int) -> jnp.ndarray:
+    """[B, 1, T, T] bool: causal within the row and, for packed rows, within equal segment ids."""
+    idx = jnp.arange(length)
+    mask = (idx[:, None] >= idx[None, :])[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return jnp.broadcast_to(mask, (batch, 1, length, length))
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, stack=()):
+        h, dqk = cfg.num_attention_heads, cfg.qk_head_dim
+        self.cfg = cfg
+        if cfg.q_lora_rank is None:
+            self.wq = param(rngs, (cfg.hidden_size, h, dqk), ("embed", "heads", "head_dim"), dtype, stack)
+        else:
+            self.wq_a = param(rngs, (cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"), dtype, stack)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, "q_lora", stack)
+            self.wq_b = param(rngs, (cfg.q_lora_rank, h, dqk), ("q_lora", "heads", "head_dim"), dtype, stack)
+        self.wkv_a = param(rngs, (cfg.hidden_size, cfg.latent_cache_dim), ("embed", "kv_lora"), dtype, stack)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, "kv_lora", stack)
+        self.w_uk = param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"),
+                          dtype, stack)
+        self.w_uv = param(rngs, (cfg.kv_lora_rank, h, cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), dtype, stack)
+        self.wo = param(rngs, (h, cfg.v_head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"), dtype, stack)
+
+    # ---- projections -----------------------------------------------------------------------------
+    def queries(self, x, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """q_nope [B,T,H,nope], RoPE'd q_rope [B,T,H,rope]."""
+        if self.cfg.q_lora_rank is None:
+            q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
+        else:
+            q = jnp.einsum("btq,qhk->bthk", self.q_norm(x @ self.wq_a[...]), self.wq_b[...])
+        q_nope, q_rope = jnp.split(q, [self.cfg.qk_nope_head_dim], axis=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latents(self, x, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """What the cache stores: normalised c_KV [B,T,kv_lora] and RoPE'd shared key k_rope [B,T,rope]."""
+        ckv, k_rope = jnp.split(x @ self.wkv_a[...], [self.cfg.kv_lora_rank], axis=-1)
+        return self.kv_norm(ckv), apply_rope(k_rope, cos, sin)
+
+    # ---- attention cores ---------------------------------------------------------------------------
+    def attend_expanded(self, q_nope, q_rope, ckv, k_rope, mask) -> jnp.ndarray:
+        """Per-head K/V decompressed from the latent; mask [B,1|H,Tq,Tk]. Returns [B,Tq,H,v]."""
+        k_nope = jnp.einsum("bsc,chn->bshn", ckv, self.w_uk[...])
+        v = jnp.einsum("bsc,chv->bshv", ckv, self.w_uv[...])
+        scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+        probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(v.dtype)
+        return jnp.einsum("bhts,bshv->bthv", probs, v)
+
+    def attend_absorbed(self, q_nope, q_rope, ckv, k_rope, mask) -> jnp.ndarray:
+        """Same result computed on the latent: W_UK folded into q, W_UV applied after. Returns [B,Tq,H,v]."""
+        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, self.w_uk[...])
+        scores = (jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+        probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(ckv.dtype)
+        o_lat = jnp.einsum("bhts,bsc->bthc", probs, ckv)
+        return jnp.einsum("bthc,chv->bthv", o_lat, self.w_uv[...])
+
+    def output(self, o: jnp.ndarray) -> jnp.ndarray:
+        return jnp.einsum("bthv,hvd->btd", o, self.wo[...])
+
+    def __call__(self, x, cos, sin, segment_ids=None, absorbed: bool = False) -> jnp.ndarray:
+        """Causal self-attention over the whole (optionally packed) sequence x [B,T,D]."""
+        q_nope, q_rope = self.queries(x, cos, sin)
+        ckv, k_rope = self.latents(x, cos, sin)
+        mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
+        attend = self.attend_absorbed if absorbed else self.attend_expanded
+        return self.output(attend(q_nope, q_rope, ckv, k_rope, mask))

@@ -1,0 +1,115 @@
+"""DeepSeek-V2: embedding → first_k_dense_replace dense layers → MoE layers → RMSNorm → untied lm_head.
+
+Each group of identical layers is ONE module whose parameters carry a leading "layers" axis; the forward pass
+scans over it, so compile time does not grow with depth. Training, prefill and decode all run this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv2_jax.config import ModelConfig
+from dsv2_jax.layers import MLP, RMSNorm, param
+from dsv2_jax.mla import MLA
+from dsv2_jax.moe import MoE, RouterStats
+from dsv2_jax.rope import rope_tables
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs, stack=()):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed", stack)
+        self.attn = MLA(cfg, dtype, rngs, stack)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed", stack)
+        self.mlp = MoE(cfg, dtype, rngs, stack) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dtype,
+                                                                  rngs, stack)
+
+    def feed_forward(self, h, token_mask, experts_fn=None) -> tuple[jnp.ndarray, RouterStats | None]:
+        x = self.mlp_norm(h)
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(x, token_mask, experts_fn)
+            return h + y, stats
+        return h + self.mlp(x), None
+
+    def __call__(self, x, cos, sin, segment_ids=None, token_mask=None, experts_fn=None):
+        h = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
+        return self.feed_forward(h, token_mask, experts_fn)
+
+
+def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: str = "none"):
+    """Runs fn(layer, carry, x) -> (carry, y) over the stacked layer module with jax.lax.scan."""
+    graphdef, state = nnx.split(layers)
+
+    def body(c, inp):
+        st, x = inp
+        return fn(nnx.merge(graphdef, st), c, x)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, carry, (state, xs))
+
+
+class DeepseekV2(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        """rngs=None builds zero-filled weights, to be overwritten by a checkpoint."""
+        self.config = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.dense_layers = (DecoderLayer(cfg, False, dtype, rngs, (cfg.num_dense_layers,))
+                             if cfg.num_dense_layers else None)
+        self.moe_layers = DecoderLayer(cfg, True, dtype, rngs, (cfg.num_moe_layers,)) if cfg.num_moe_layers else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
+        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    @property
+    def dtype(self):
+        return self.embed.value.dtype
+
+    def embed_tokens(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.embed[...], input_ids, axis=0)
+
+    def logits(self, h: jnp.ndarray) -> jnp.ndarray:
+        return jnp.einsum("btd,dv->btv", self.norm(h), self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def layer_groups(self):
+        """(stacked layers, is_moe) for each non-empty group, in depth order."""
+        return [(g, moe) for g, moe in ((self.dense_layers, False), (self.moe_layers, True)) if g is not None]
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, token_mask=None, return_aux: bool = False,
+                 remat: str = "none", experts_fn=None):
+        """input_ids int32 [B, T] → float32 logits [B, T, vocab] (and per-MoE-layer RouterStats if return_aux).
+
+        positions default to 0..T-1; segment_ids (packed sequences) restrict attention to equal ids.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_tables(self.config, positions)
+        h = self.embed_tokens(input_ids)
+        stats = None
+        for layers, is_moe in self.layer_groups():
+            def step(layer, x, _):
+                return layer(x, cos, sin, segment_ids, token_mask, experts_fn)
+            h, out = scan_layers(layers, h, step, remat=remat)
+            if is_moe:
+                stats = out
+        logits = self.logits(h)
+        return (logits, stats) if return_aux else logits
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> DeepseekV2:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms)."""
+    return DeepseekV2(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> DeepseekV2:
+    """Shapes and dtypes only: no memory is allocated (used to restore or load into)."""
+    return nnx.eval_shape(lambda: DeepseekV2(cfg, dtype=dtype, rngs=None))

@@ -1,0 +1,106 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2): fp32 softmax gate, greedy / group-limited top-k, shared + routed experts.
+
+Two interchangeable routed-expert paths (config `moe_impl`):
+  * reference: every expert on every token, weighted by the (mostly zero) combine matrix — obviously right;
+  * ragged: dropless; token copies sorted by expert and run through `jax.lax.ragged_dot` — the fast path.
+The expert-parallel dispatch for sharded training lives in `expert_parallel.py` and reuses `route`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv2_jax.config import ModelConfig
+from dsv2_jax.layers import MLP, param
+
+
+class Routing(NamedTuple):
+    scores: jnp.ndarray   # [N, E] fp32 softmax affinities s_{i,t}
+    experts: jnp.ndarray  # [N, K] int32 chosen experts
+    weights: jnp.ndarray  # [N, K] fp32 gate values g_{i,t} (scaled or renormalised)
+
+
+def route(cfg: ModelConfig, x: jnp.ndarray, w_router: jnp.ndarray) -> Routing:
+    """x [N, D] → top-k experts per token. Gate math in fp32 whatever the compute dtype."""
+    scores = jax.nn.softmax(x.astype(jnp.float32) @ w_router.astype(jnp.float32), axis=-1)
+    select = scores
+    if cfg.topk_method == "group_limited_greedy":
+        # Device-limited routing: keep the topk_group groups holding the highest single-expert affinity.
+        n, e = scores.shape
+        grouped = scores.reshape(n, cfg.n_group, e // cfg.n_group)
+        _, top_groups = jax.lax.top_k(grouped.max(axis=-1), cfg.topk_group)
+        keep = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+        select = jnp.where(keep[:, :, None], grouped, 0.0).reshape(n, e)
+    weights, experts = jax.lax.top_k(select, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    else:
+        weights = weights * cfg.routed_scaling_factor
+    return Routing(scores, experts.astype(jnp.int32), weights)
+
+
+class RouterStats(NamedTuple):
+    """Per-sequence routing statistics from which every balance loss is computed (training.losses)."""
+    counts: jnp.ndarray     # [B, E] number of (token, slot) assignments to each expert
+    prob_sum: jnp.ndarray   # [B, E] Σ_t s_{i,t}
+    num_tokens: jnp.ndarray  # [B] valid tokens
+
+
+def router_stats(r: Routing, batch: int, token_mask: jnp.ndarray | None) -> RouterStats:
+    n, e = r.scores.shape
+    valid = jnp.ones((n,), jnp.float32) if token_mask is None else token_mask.reshape(n).astype(jnp.float32)
+    onehot = jax.nn.one_hot(r.experts, e, dtype=jnp.float32).sum(axis=1) * valid[:, None]
+    return RouterStats(onehot.reshape(batch, -1, e).sum(1),
+                       (r.scores * valid[:, None]).reshape(batch, -1, e).sum(1),
+                       valid.reshape(batch, -1).sum(1))
+
+
+def experts_reference(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
+    """All experts on all tokens, combined with the dense [N, E] gate matrix."""
+    n, e = r.scores.shape
+    combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], r.experts].add(r.weights)
+    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w_gate)) * jnp.einsum("nd,edf->enf", x, w_up)
+    y = jnp.einsum("enf,efd->end", h, w_down)
+    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+def experts_ragged(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
+    """Dropless grouped GEMM: sort the N*K token copies by expert, ragged_dot, unsort, weighted sum over K."""
+    n, k = r.experts.shape
+    flat = r.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
+    xs = x[order // k]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
+    ys = jax.lax.ragged_dot(h, w_down, group_sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to token-major order
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), r.weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {"reference": experts_reference, "ragged": experts_ragged}
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, stack=()):
+        e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.cfg = cfg
+        # The router stays fp32 (the reference computes the gate in fp32 even for bf16 models).
+        self.w_router = param(rngs, (d, e), ("embed", "router"), jnp.float32, stack)
+        self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
+        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
+        self.w_down = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype, stack)
+        self.shared = MLP(d, cfg.shared_intermediate_size, dtype, rngs, stack) if cfg.n_shared_experts else None
+
+    def __call__(self, x: jnp.ndarray, token_mask=None, experts_fn=None) -> tuple[jnp.ndarray, RouterStats]:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        r = route(self.cfg, flat, self.w_router[...])
+        fn = experts_fn or EXPERT_IMPLS[self.cfg.moe_impl]
+        y = fn(flat, r, self.w_gate[...], self.w_up[...], self.w_down[...]).reshape(b, t, d)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y, router_stats(r, b, token_mask)

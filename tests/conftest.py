@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random DeepSeek-V2 checkpoints written by transformers itself (offline)."""
+
+from __future__ import annotations
+
+import os
+
+# Eight simulated CPU devices for the sharding tests; must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+# Tiny configs covering both published variants. (a) V2-style: q compression, group-limited routing, YaRN with
+# mscale, routed_scaling_factor != 1, a dense first layer. (b) V2-Lite-style: no q compression, greedy.
+V2_STYLE = dict(
+    vocab_size=160, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+    num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
+    topk_method="group_limited_greedy", first_k_dense_replace=1, routed_scaling_factor=2.5,
+    norm_topk_prob=False, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32,
+                         beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+)
+LITE_STYLE = dict(
+    V2_STYLE, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+    num_experts_per_tok=2, num_hidden_layers=2,
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+                         beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+)
+HF_CONFIGS = {"v2": V2_STYLE, "lite": LITE_STYLE}
+
+
+def make_hf_checkpoint(path, overrides: dict, seed: int = 0, max_shard_size=None, init_std: float = 0.15):
+    """Saves a random DeepseekV2ForCausalLM with save_pretrained; returns the torch model (fp32, eval).
+
+    Weights are drawn larger than HF's default 0.02 so routing, RoPE and attention are all exercised.
+    """
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = DeepseekV2Config(**overrides)
+    model = DeepseekV2ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(init_std * torch.randn_like(p))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(HF_CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(name, directory, torch model) for each tiny config."""
+    path = tmp_path_factory.mktemp(f"hf_{request.param}")
+    model = make_hf_checkpoint(path, HF_CONFIGS[request.param])
+    return request.param, path, model
+
+
+@pytest.fixture(scope="session")
+def hf_v2(tmp_path_factory):
+    """(directory, torch model) of the V2-style tiny checkpoint."""
+    path = tmp_path_factory.mktemp("hf_v2_only")
+    return path, make_hf_checkpoint(path, V2_STYLE)
