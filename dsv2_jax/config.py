@@ -262,6 +262,10 @@ def _hf_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
     out["topk_method"] = "greedy" if method == "gready" else method
     out["n_group"] = d.get("n_group") or 1
     out["topk_group"] = d.get("topk_group") or 1
+    if out["topk_method"] == "greedy":
+        # HF configs carry only the expert-level coefficient; the paper uses the device-level and
+        # communication losses only with device-limited routing (V2), not for V2-Lite.
+        out.update(device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0)
     if "aux_loss_alpha" in d:
         out["aux_loss_alpha"] = float(d["aux_loss_alpha"])
     if "seq_aux" in d:

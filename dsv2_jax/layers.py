@@ -11,25 +11,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INIT_STD = 0.02  # HF initializer_range
-
-
-def param(rngs: nnx.Rngs | None, shape, axes, dtype, stack=(), init: str = "normal") -> nnx.Param:
-    """A parameter of shape stack+shape; `rngs=None` leaves it zero-filled (weights loaded afterwards)."""
+def param(shape, axes, dtype, stack=(), fill: float = 0.0) -> nnx.Param:
+    """A parameter of shape stack+shape filled with `fill`; weights come from a checkpoint or `init_model`."""
     assert len(shape) == len(axes), (shape, axes)
-    full = tuple(stack) + tuple(shape)
-    if init == "ones":
-        value = jnp.ones(full, dtype)
-    elif rngs is None:
-        value = jnp.zeros(full, dtype)
-    else:
-        value = (INIT_STD * jax.random.normal(rngs.params(), full, jnp.float32)).astype(dtype)
-    return nnx.Param(value, axes=("layers",) * len(stack) + tuple(axes))
+    return nnx.Param(jnp.full(tuple(stack) + tuple(shape), fill, dtype),
+                     axes=("layers",) * len(stack) + tuple(axes))
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype, axis_name: str = "norm", stack=()):
-        self.scale = param(None, (dim,), (axis_name,), dtype, stack, init="ones")
+        self.scale = param((dim,), (axis_name,), dtype, stack, fill=1.0)
         self.eps = eps
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -42,10 +33,10 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x·W_gate) * x·W_up); used for dense layers and the shared experts."""
 
-    def __init__(self, hidden: int, inter: int, dtype, rngs, stack=(), inter_axis: str = "mlp"):
-        self.w_gate = param(rngs, (hidden, inter), ("embed", inter_axis), dtype, stack)
-        self.w_up = param(rngs, (hidden, inter), ("embed", inter_axis), dtype, stack)
-        self.w_down = param(rngs, (inter, hidden), (inter_axis, "embed"), dtype, stack)
+    def __init__(self, hidden: int, inter: int, dtype, stack=(), inter_axis: str = "mlp"):
+        self.w_gate = param((hidden, inter), ("embed", inter_axis), dtype, stack)
+        self.w_up = param((hidden, inter), ("embed", inter_axis), dtype, stack)
+        self.w_down = param((inter, hidden), (inter_axis, "embed"), dtype, stack)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])

@@ -34,21 +34,21 @@ def causal_segment_mask(segment_ids: jnp.ndarray | None, batch: int, length: int
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, stack=()):
+    def __init__(self, cfg: ModelConfig, dtype, stack=()):
         h, dqk = cfg.num_attention_heads, cfg.qk_head_dim
         self.cfg = cfg
         if cfg.q_lora_rank is None:
-            self.wq = param(rngs, (cfg.hidden_size, h, dqk), ("embed", "heads", "head_dim"), dtype, stack)
+            self.wq = param((cfg.hidden_size, h, dqk), ("embed", "heads", "head_dim"), dtype, stack)
         else:
-            self.wq_a = param(rngs, (cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"), dtype, stack)
+            self.wq_a = param((cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"), dtype, stack)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, "q_lora", stack)
-            self.wq_b = param(rngs, (cfg.q_lora_rank, h, dqk), ("q_lora", "heads", "head_dim"), dtype, stack)
-        self.wkv_a = param(rngs, (cfg.hidden_size, cfg.latent_cache_dim), ("embed", "kv_lora"), dtype, stack)
+            self.wq_b = param((cfg.q_lora_rank, h, dqk), ("q_lora", "heads", "head_dim"), dtype, stack)
+        self.wkv_a = param((cfg.hidden_size, cfg.latent_cache_dim), ("embed", "kv_lora"), dtype, stack)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, "kv_lora", stack)
-        self.w_uk = param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"),
+        self.w_uk = param((cfg.kv_lora_rank, h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"),
                           dtype, stack)
-        self.w_uv = param(rngs, (cfg.kv_lora_rank, h, cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), dtype, stack)
-        self.wo = param(rngs, (h, cfg.v_head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"), dtype, stack)
+        self.w_uv = param((cfg.kv_lora_rank, h, cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), dtype, stack)
+        self.wo = param((h, cfg.v_head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"), dtype, stack)
 
     # ---- projections -----------------------------------------------------------------------------
     def queries(self, x, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
@@ -18,6 +19,7 @@ from dsv2_jax.mla import MLA
 from dsv2_jax.moe import MoE, RouterStats
 from dsv2_jax.rope import rope_tables
 
+INIT_STD = 0.02  # HF initializer_range
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -26,12 +28,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs, stack=()):
+    def __init__(self, cfg: ModelConfig, moe: bool, dtype, stack=()):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed", stack)
-        self.attn = MLA(cfg, dtype, rngs, stack)
+        self.attn = MLA(cfg, dtype, stack)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed", stack)
-        self.mlp = MoE(cfg, dtype, rngs, stack) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dtype,
-                                                                  rngs, stack)
+        self.mlp = MoE(cfg, dtype, stack) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, stack)
 
     def feed_forward(self, h, token_mask, experts_fn=None) -> tuple[jnp.ndarray, RouterStats | None]:
         x = self.mlp_norm(h)
@@ -59,15 +60,15 @@ def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: 
 
 
 class DeepseekV2(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        """rngs=None builds zero-filled weights, to be overwritten by a checkpoint."""
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32):
+        """Zero weights and unit norms: use `init_model`, `load_model` or a checkpoint restore for real ones."""
         self.config = cfg
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.dense_layers = (DecoderLayer(cfg, False, dtype, rngs, (cfg.num_dense_layers,))
+        self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.dense_layers = (DecoderLayer(cfg, False, dtype, (cfg.num_dense_layers,))
                              if cfg.num_dense_layers else None)
-        self.moe_layers = DecoderLayer(cfg, True, dtype, rngs, (cfg.num_moe_layers,)) if cfg.num_moe_layers else None
+        self.moe_layers = DecoderLayer(cfg, True, dtype, (cfg.num_moe_layers,)) if cfg.num_moe_layers else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
-        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        self.lm_head = param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
     @property
     def dtype(self):
@@ -105,11 +106,23 @@ class DeepseekV2(nnx.Module):
         return (logits, stats) if return_aux else logits
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> DeepseekV2:
-    """A randomly initialised model (normal(0, 0.02) weights, unit norms)."""
-    return DeepseekV2(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = INIT_STD) -> DeepseekV2:
+    """Random weights ~ normal(0, std) (HF's initializer_range), unit norm scales; deterministic in `seed`.
+
+    Drawn with numpy: XLA's threefry takes ~1 s per parameter shape to compile on CPU.
+    """
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if path[-1].key == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray((std * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype))
+
+    state.replace_by_pure_dict(jax.tree.map_with_path(draw, nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> DeepseekV2:
     """Shapes and dtypes only: no memory is allocated (used to restore or load into)."""
-    return nnx.eval_shape(lambda: DeepseekV2(cfg, dtype=dtype, rngs=None))
+    return nnx.eval_shape(lambda: DeepseekV2(cfg, dtype=dtype))

@@ -85,15 +85,15 @@ EXPERT_IMPLS = {"reference": experts_reference, "ragged": experts_ragged}
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, stack=()):
+    def __init__(self, cfg: ModelConfig, dtype, stack=()):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.cfg = cfg
         # The router stays fp32 (the reference computes the gate in fp32 even for bf16 models).
-        self.w_router = param(rngs, (d, e), ("embed", "router"), jnp.float32, stack)
-        self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
-        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
-        self.w_down = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype, stack)
-        self.shared = MLP(d, cfg.shared_intermediate_size, dtype, rngs, stack) if cfg.n_shared_experts else None
+        self.w_router = param((d, e), ("embed", "router"), jnp.float32, stack)
+        self.w_gate = param((e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
+        self.w_up = param((e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
+        self.w_down = param((e, f, d), ("expert", "expert_mlp", "embed"), dtype, stack)
+        self.shared = MLP(d, cfg.shared_intermediate_size, dtype, stack) if cfg.n_shared_experts else None
 
     def __call__(self, x: jnp.ndarray, token_mask=None, experts_fn=None) -> tuple[jnp.ndarray, RouterStats]:
         b, t, d = x.shape
