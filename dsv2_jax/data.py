@@ -13,7 +13,7 @@ Pipeline (per host)::
 
 Each batch is a dict of numpy arrays, all of shape [global_batch // process_count, seq_len]:
 
-    inputs       int32    token ids (pad id where segment_ids == 0)
+    inputs       int32    token ids (tokenizer pad id, or 0 if none, where segment_ids == 0)
     targets      int32    next token within the same segment (pad id elsewhere)
     segment_ids  int32    1, 2, ... per packed document in a row; 0 = padding
     positions    int32    position inside the segment, restarting at 0
