@@ -113,6 +113,115 @@ def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t,
   return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
 
 
+# -- Hopper (Mosaic GPU) variant ------------------------------------------------
+# One warpgroup per CTA owns a 64-head tile (the WGMMA M dimension; fewer heads
+# are zero-padded) and one half of the 512-wide value dim: a [64, 512] fp32
+# accumulator would need 256 registers/thread. Both halves of the cache block
+# are still loaded (scores need all of C), as "own" (also the value) and
+# "other" column blocks; the two CTAs of a pair hit the same lines in L2.
+_GPU_HEADS, _GPU_SPLIT_V = 64, 2
+
+
+def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_splits):
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # Hopper-only lowering
+
+  b, h, c = q_lat.shape
+  t, r = ckv.shape[1], krope.shape[2]
+  if q_lat.dtype not in (jnp.bfloat16, jnp.float16) or t % block_t:
+    raise NotImplementedError("mosaic_gpu decode needs bf16/f16 and T % block_t == 0")
+  hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
+  q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
+  q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
+  half, n_blocks = c // _GPU_SPLIT_V, t // block_t
+  bps = pl.cdiv(n_blocks, num_splits)
+  dtype, f32 = q_lat.dtype, jnp.float32
+  # 128-byte swizzled (8, 64)-tiled SMEM tiles: the operand layout WGMMA reads.
+  mma = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def body(len_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem):
+    hb, v = lax.axis_index("hb"), lax.axis_index("v")
+    split, bi = lax.axis_index("s"), lax.axis_index("b")
+    heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
+    length = len_gmem[bi]
+    first = split * bps
+    n = jnp.clip(pl.cdiv(length, block_t) - first, 0, bps)  # blocks to visit
+
+    def compute(q_own, q_other, q_r, bar):
+      plgpu.copy_gmem_to_smem(ql_gmem.at[bi, heads, pl.ds(v * half, half)], q_own, bar)
+      plgpu.copy_gmem_to_smem(ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)],
+                              q_other, bar)
+      plgpu.copy_gmem_to_smem(qr_gmem.at[bi, heads], q_r, bar)
+      plgpu.barrier_wait(bar)
+
+      def step(idx, ckv_own, ckv_other, kr, carry):
+        acc, m, l = carry
+
+        def qk(s_ref):
+          plgpu.wgmma(s_ref, q_own, ckv_own.transpose((1, 0)))
+          plgpu.wgmma(s_ref, q_other, ckv_other.transpose((1, 0)))
+          plgpu.wgmma(s_ref, q_r, kr.transpose((1, 0)))
+          return s_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((_GPU_HEADS, block_t), f32)) * scale
+        pos = (first + idx[0]) * block_t + plgpu.broadcasted_iota(
+            jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(pos < length, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p.astype(dtype), ckv_own)
+        return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l
+
+      block = lambda j: jnp.minimum(first + j, n_blocks - 1)
+      wg = plgpu.Layout.WGMMA
+      init = (plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), f32), wg),
+              plgpu.layout_cast(jnp.full((_GPU_HEADS,), -jnp.inf, f32), wg.reduce(1)),
+              plgpu.layout_cast(jnp.zeros((_GPU_HEADS,), f32), wg.reduce(1)))
+      # An empty split still runs one (fully masked) step; its result is
+      # discarded below, which keeps the pipeline grid non-empty.
+      return plgpu.emit_pipeline(
+          step, grid=(jnp.maximum(n, 1),),
+          in_specs=[plgpu.BlockSpec((block_t, half), lambda j: (block(j), v), transforms=mma),
+                    plgpu.BlockSpec((block_t, half), lambda j: (block(j), 1 - v),
+                                    transforms=mma),
+                    plgpu.BlockSpec((block_t, r), lambda j: (block(j), 0), transforms=mma)],
+          max_concurrent_steps=2, init_carry=init,
+      )(ckv_gmem.at[bi], ckv_gmem.at[bi], kr_gmem.at[bi])
+
+    acc, m, l = pl.run_scoped(
+        compute, plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
+        plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
+        plgpu.SMEM((_GPU_HEADS, r), dtype, transforms=mma),
+        plgpu.Barrier(num_arrivals=3))
+
+    # Staged after the pipeline's scope closes, so it reuses that SMEM.
+    def store(o_smem, lse_smem):
+      empty = n == 0
+      o_smem[...] = jnp.where(empty, 0.0, acc / lax.broadcast_in_dim(l, acc.shape, [0]))
+      lse_smem[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, split, heads, pl.ds(v * half, half)])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, split, heads])  # same in both halves
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((_GPU_HEADS, half), f32), plgpu.SMEM((_GPU_HEADS,), f32))
+
+  o_part, lse_part = plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((b, num_splits, hp, c), f32),
+                jax.ShapeDtypeStruct((b, num_splits, hp), f32)],
+      grid=(hp // _GPU_HEADS, _GPU_SPLIT_V, num_splits, b),
+      grid_names=("hb", "v", "s", "b"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(lengths, q_lat, q_rope, ckv, krope)
+  o, lse = combine_splits(o_part, lse_part, dtype)
+  return o[:, :h], lse[:, :h]
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "block_t", "num_splits", "backend"))
 def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None,
                num_splits=None, backend="auto"):
@@ -129,16 +238,20 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None,
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, ckv.shape[1])
   if backend == "xla":
     return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
-  if backend == "mosaic_gpu":
-    from kernels_pallas import mla_decode_gpu  # imports Hopper-only modules
-    return mla_decode_gpu.mla_decode_gpu(
-        q_lat, q_rope, ckv, krope, lengths, scale=scale,
-        block_t=block_t or 64, num_splits=num_splits)
-  block_t = block_t or (128 if backend == "mosaic_tpu" else 64)
+  block_t = block_t or {"mosaic_tpu": 128}.get(backend, 64)
   n_blocks = pl.cdiv(ckv.shape[1], block_t)
-  if num_splits is None:  # TPU v4/v5p megacore: 2 cores share the parallel axes
-    num_splits = min(n_blocks, max(1, 2 // q_lat.shape[0]))
+  if num_splits is None:
+    # Enough (batch, split) programs to fill the chip: 132 SMs on H100/H200
+    # (times head tiles / value halves), 2 TensorCores on megacore TPUs.
+    target = {"mosaic_gpu": 132, "mosaic_tpu": 2}.get(backend, 1)
+    programs = q_lat.shape[0]
+    if backend == "mosaic_gpu":
+      programs *= pl.cdiv(q_lat.shape[1], _GPU_HEADS) * _GPU_SPLIT_V
+    num_splits = pl.cdiv(target, programs)
   num_splits = max(1, min(num_splits, n_blocks))
+  if backend == "mosaic_gpu":
+    return _decode_gpu(q_lat, q_rope, ckv, krope, lengths, scale=scale,
+                       block_t=block_t, num_splits=num_splits)
   return _decode_pallas(q_lat, q_rope, ckv, krope, lengths, scale=scale,
                         block_t=block_t, num_splits=num_splits,
                         interpret=backend == "interpret")
