@@ -6,6 +6,7 @@ segment ids. Forward saves the per-row log-sum-exp; backward recomputes the
 probabilities in two kernels (dk/dv over q blocks, dq over k blocks), so no
 [T, T] matrix is ever stored.
 """
+import dataclasses
 import functools
 import math
 
@@ -45,13 +46,14 @@ def _needed(qi, ki, bq, bk, causal):
   return ki * bk <= qi * bq + bq - 1 if causal else True
 
 
-class _Cfg(tuple):
-  """Static kernel config (hashable, for nondiff_argnums)."""
-
-  def __new__(cls, scale, causal, bq, bk, interpret):
-    return super().__new__(cls, (scale, causal, bq, bk, interpret))
-
-  scale, causal, bq, bk, interpret = (property(lambda s, i=i: s[i]) for i in range(5))
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  """Static kernel config (hashable, as custom_vjp nondiff_argnums require)."""
+  scale: float
+  causal: bool
+  bq: int
+  bk: int
+  interpret: bool
 
 
 def _call(cfg, kernel, grid, in_specs, out_specs, out_shape, scratch):

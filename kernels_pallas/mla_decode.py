@@ -147,11 +147,12 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
     n = jnp.clip(pl.cdiv(length, block_t) - first, 0, bps)  # blocks to visit
 
     def compute(q_own, q_other, q_r, bar):
-      plgpu.copy_gmem_to_smem(ql_gmem.at[bi, heads, pl.ds(v * half, half)], q_own, bar)
-      plgpu.copy_gmem_to_smem(ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)],
-                              q_other, bar)
-      plgpu.copy_gmem_to_smem(qr_gmem.at[bi, heads], q_r, bar)
-      plgpu.barrier_wait(bar)
+      srcs = (ql_gmem.at[bi, heads, pl.ds(v * half, half)],
+              ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)], qr_gmem.at[bi, heads])
+      for i, (src, dst) in enumerate(zip(srcs, (q_own, q_other, q_r))):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
+      for i in range(3):
+        plgpu.barrier_wait(bar.at[i])
 
       def step(idx, ckv_own, ckv_other, kr, carry):
         acc, m, l = carry
@@ -181,8 +182,9 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
       init = (plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), f32), wg),
               plgpu.layout_cast(jnp.full((_GPU_HEADS,), -jnp.inf, f32), wg.reduce(1)),
               plgpu.layout_cast(jnp.zeros((_GPU_HEADS,), f32), wg.reduce(1)))
-      # An empty split still runs one (fully masked) step; its result is
-      # discarded below, which keeps the pipeline grid non-empty.
+      # An empty split still runs one fully masked step (keeping the pipeline
+      # grid non-empty): m = MASK_VALUE gives lse ~ -1e30, i.e. zero weight in
+      # the merge, and o stays finite.
       return plgpu.emit_pipeline(
           step, grid=(jnp.maximum(n, 1),),
           in_specs=[plgpu.BlockSpec((block_t, half), lambda j: (block(j), v), transforms=mma),
@@ -196,13 +198,12 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
         compute, plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
         plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
         plgpu.SMEM((_GPU_HEADS, r), dtype, transforms=mma),
-        plgpu.Barrier(num_arrivals=3))
+        plgpu.Barrier(num_barriers=3))
 
     # Staged after the pipeline's scope closes, so it reuses that SMEM.
     def store(o_smem, lse_smem):
-      empty = n == 0
-      o_smem[...] = jnp.where(empty, 0.0, acc / lax.broadcast_in_dim(l, acc.shape, [0]))
-      lse_smem[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l))
+      o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+      lse_smem[...] = m + jnp.log(l)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, split, heads, pl.ds(v * half, half)])
       plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, split, heads])  # same in both halves
