@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels_pallas
+
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.layers import RMSNorm, param
 from dsv2_jax.rope import apply_rope
@@ -31,6 +33,17 @@ def causal_segment_mask(segment_ids: jnp.ndarray | None, batch: int, length: int
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return jnp.broadcast_to(mask, (batch, 1, length, length))
+
+
+def pallas_backend(cfg: ModelConfig) -> str | None:
+    """The kernels_pallas backend for this config, or None for plain XLA attention.
+
+    "auto" uses the kernels where they compile (GPU/TPU); "pallas" forces them, interpreted on CPU (tests).
+    """
+    compiled = kernels_pallas.default_backend()
+    if cfg.attention_impl == "xla" or (cfg.attention_impl == "auto" and compiled == "xla"):
+        return None
+    return "interpret" if compiled == "xla" else compiled
 
 
 class MLA(nnx.Module):
@@ -66,10 +79,14 @@ class MLA(nnx.Module):
         return self.kv_norm(ckv), apply_rope(k_rope, cos, sin)
 
     # ---- attention cores ---------------------------------------------------------------------------
+    def expand_kv(self, ckv) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Per-head k_nope [B,S,H,nope] and v [B,S,H,v] decompressed from the latent."""
+        return (jnp.einsum("bsc,chn->bshn", ckv, self.w_uk[...]),
+                jnp.einsum("bsc,chv->bshv", ckv, self.w_uv[...]))
+
     def attend_expanded(self, q_nope, q_rope, ckv, k_rope, mask) -> jnp.ndarray:
-        """Per-head K/V decompressed from the latent; mask [B,1|H,Tq,Tk]. Returns [B,Tq,H,v]."""
-        k_nope = jnp.einsum("bsc,chn->bshn", ckv, self.w_uk[...])
-        v = jnp.einsum("bsc,chv->bshv", ckv, self.w_uv[...])
+        """Ordinary attention on decompressed K/V; mask [B,1|H,Tq,Tk]. Returns [B,Tq,H,v]."""
+        k_nope, v = self.expand_kv(ckv)
         scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
         probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(v.dtype)
@@ -87,10 +104,22 @@ class MLA(nnx.Module):
     def output(self, o: jnp.ndarray) -> jnp.ndarray:
         return jnp.einsum("bthv,hvd->btd", o, self.wo[...])
 
+    def attend_flash(self, q_nope, q_rope, ckv, k_rope, segment_ids, backend: str) -> jnp.ndarray:
+        """The fused Pallas kernel (causal, segment-aware) on decompressed K/V: qk dim 192, v dim 128."""
+        k_nope, v = self.expand_kv(ckv)
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], q_rope.shape[:3] + k_rope.shape[-1:])],
+                            axis=-1)
+        return kernels_pallas.flash_mla_attention(q, k, v, scale=self.cfg.softmax_scale, segment_ids=segment_ids,
+                                                  causal=True, backend=backend)
+
     def __call__(self, x, cos, sin, segment_ids=None, absorbed: bool = False) -> jnp.ndarray:
         """Causal self-attention over the whole (optionally packed) sequence x [B,T,D]."""
         q_nope, q_rope = self.queries(x, cos, sin)
         ckv, k_rope = self.latents(x, cos, sin)
+        backend = pallas_backend(self.cfg)
+        if backend is not None and not absorbed:
+            return self.output(self.attend_flash(q_nope, q_rope, ckv, k_rope, segment_ids, backend))
         mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
         attend = self.attend_absorbed if absorbed else self.attend_expanded
         return self.output(attend(q_nope, q_rope, ckv, k_rope, mask))

@@ -12,7 +12,7 @@ from flax import nnx
 
 import dsv2_jax
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.mla import causal_segment_mask
+from dsv2_jax.mla import causal_segment_mask, pallas_backend
 from dsv2_jax.model import init_model
 from dsv2_jax.rope import rope_tables
 from tests.conftest import V2_STYLE, make_hf_checkpoint
@@ -114,3 +114,14 @@ def test_compile_time_does_not_grow_with_depth():
     shallow, deep = compile_seconds(2), compile_seconds(16)
     print(f"compile: 2 layers {shallow:.2f}s, 16 layers {deep:.2f}s, ratio {deep / shallow:.2f}")
     assert deep < 1.5 * shallow
+
+
+def test_pallas_attention_matches_xla(hf_v2):
+    """attention_impl=pallas (the flash kernel, interpreted on CPU) gives the XLA path's logits."""
+    path, _ = hf_v2
+    ids = jnp.asarray(token_batch(V2_STYLE["vocab_size"], batch=1, length=70, seed=4), jnp.int32)
+    xla = np.asarray(dsv2_jax.load_model(path, attention_impl="xla")(ids))
+    model = dsv2_jax.load_model(path, attention_impl="pallas")
+    assert pallas_backend(model.config) == "interpret"
+    pallas = np.asarray(model(ids))
+    assert np.abs(pallas - xla).max() <= 1e-4
