@@ -111,7 +111,8 @@ def compile_seconds(layers: int) -> float:
 
 def test_compile_time_does_not_grow_with_depth():
     compile_seconds(3)  # warm up jax's own one-time costs
-    shallow, deep = compile_seconds(2), compile_seconds(16)
+    runs = [(compile_seconds(2), compile_seconds(16)) for _ in range(3)]  # min of 3: robust to a busy machine
+    shallow, deep = min(r[0] for r in runs), min(r[1] for r in runs)
     print(f"compile: 2 layers {shallow:.2f}s, 16 layers {deep:.2f}s, ratio {deep / shallow:.2f}")
     assert deep < 1.5 * shallow
 
