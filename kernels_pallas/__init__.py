@@ -1,20 +1,21 @@
 """Pallas kernels for DeepSeek-V2 MLA: latent-cache decode and prefill flash attention."""
+
 import jax
 
 BACKENDS = ("interpret", "mosaic_gpu", "mosaic_tpu", "xla")
 
 
 def default_backend() -> str:
-  """Kernel backend for the default JAX platform ("xla" = pure-JAX reference)."""
-  return {"gpu": "mosaic_gpu", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "xla")
+    """Kernel backend for the default JAX platform ("xla" = pure-JAX reference)."""
+    return {"gpu": "mosaic_gpu", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "xla")
 
 
 def resolve_backend(backend: str) -> str:
-  if backend == "auto":
-    return default_backend()
-  if backend not in BACKENDS:
-    raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-  return backend
+    if backend == "auto":
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    return backend
 
 
 # Defined above before the submodules import them from this package.

@@ -6,6 +6,7 @@ against all H heads at once (q block [H, C]). Long contexts are split over T
 (split-K) into independent programs whose partial results are merged with
 their log-sum-exp weights.
 """
+
 import functools
 
 import jax
@@ -21,96 +22,112 @@ _NT = (((1,), (1,)), ((), ()))  # contract last dims: q [H,D] x k [N,D] -> [H,N]
 
 
 def _scores(q_lat, q_rope, ckv, krope, scale):
-  f32 = jnp.float32
-  s = lax.dot_general(q_lat, ckv, _NT, preferred_element_type=f32)
-  s += lax.dot_general(q_rope, krope, _NT, preferred_element_type=f32)
-  return s * scale
+    f32 = jnp.float32
+    s = lax.dot_general(q_lat, ckv, _NT, preferred_element_type=f32)
+    s += lax.dot_general(q_rope, krope, _NT, preferred_element_type=f32)
+    return s * scale
 
 
-def _decode_kernel(len_ref, q_lat_ref, q_rope_ref, ckv_ref, krope_ref,
-                   o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, block_t,
-                   blocks_per_split):
-  b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  length = len_ref[b]
-  start = (split * blocks_per_split + j) * block_t
+def _decode_kernel(
+    len_ref,
+    q_lat_ref,
+    q_rope_ref,
+    ckv_ref,
+    krope_ref,
+    o_ref,
+    lse_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    *,
+    scale,
+    block_t,
+    blocks_per_split,
+):
+    b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b]
+    start = (split * blocks_per_split + j) * block_t
 
-  @pl.when(j == 0)
-  def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  # Blocks past the sequence length are skipped (their DMA is also avoided by
-  # the clamped index map, which repeats the previous block index).
-  @pl.when(start < length)
-  def _step():
-    # Rows past the length (including the out-of-bounds tail of a ragged last
-    # block, which may hold garbage) are zeroed so p*v stays finite.
-    row_ok = start + lax.broadcasted_iota(jnp.int32, (block_t, 1), 0) < length
-    ckv = jnp.where(row_ok, ckv_ref[0], 0)
-    krope = jnp.where(row_ok, krope_ref[0], 0)
-    s = _scores(q_lat_ref[0], q_rope_ref[0], ckv, krope, scale)
-    col_ok = start + lax.broadcasted_iota(jnp.int32, (1, block_t), 1) < length
-    s = jnp.where(col_ok, s, MASK_VALUE)
-    m, l, acc = online_softmax_update(s, m_sc[...], l_sc[...], acc_sc[...], ckv)
-    m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
+    # Blocks past the sequence length are skipped (their DMA is also avoided by
+    # the clamped index map, which repeats the previous block index).
+    @pl.when(start < length)
+    def _step():
+        # Rows past the length (including the out-of-bounds tail of a ragged last
+        # block, which may hold garbage) are zeroed so p*v stays finite.
+        row_ok = start + lax.broadcasted_iota(jnp.int32, (block_t, 1), 0) < length
+        ckv = jnp.where(row_ok, ckv_ref[0], 0)
+        krope = jnp.where(row_ok, krope_ref[0], 0)
+        s = _scores(q_lat_ref[0], q_rope_ref[0], ckv, krope, scale)
+        col_ok = start + lax.broadcasted_iota(jnp.int32, (1, block_t), 1) < length
+        s = jnp.where(col_ok, s, MASK_VALUE)
+        m, l, acc = online_softmax_update(s, m_sc[...], l_sc[...], acc_sc[...], ckv)
+        m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
-  @pl.when(j == pl.num_programs(2) - 1)
-  def _finish():
-    l = l_sc[...]
-    empty = l == 0.0  # whole split beyond the length: zero weight in the merge
-    o_ref[0, 0] = jnp.where(empty, 0.0, acc_sc[...] / jnp.where(empty, 1.0, l))
-    lse_ref[0, 0] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l))
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        l = l_sc[...]
+        empty = l == 0.0  # whole split beyond the length: zero weight in the merge
+        o_ref[0, 0] = jnp.where(empty, 0.0, acc_sc[...] / jnp.where(empty, 1.0, l))
+        lse_ref[0, 0] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l))
 
 
 def combine_splits(o_part, lse_part, dtype):
-  """Merge per-split results o_part [B,S,H,C], lse_part [B,S,H] (fp32)."""
-  lse = jax.nn.logsumexp(lse_part, axis=1)
-  w = jnp.exp(lse_part - lse[:, None])
-  o = jnp.einsum("bsh,bshc->bhc", w, o_part)
-  return o.astype(dtype), lse
+    """Merge per-split results o_part [B,S,H,C], lse_part [B,S,H] (fp32)."""
+    lse = jax.nn.logsumexp(lse_part, axis=1)
+    w = jnp.exp(lse_part - lse[:, None])
+    o = jnp.einsum("bsh,bshc->bhc", w, o_part)
+    return o.astype(dtype), lse
 
 
-def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t,
-                   num_splits, interpret):
-  b, h, c = q_lat.shape
-  t, r = ckv.shape[1], krope.shape[2]
-  n_blocks = pl.cdiv(t, block_t)
-  bps = pl.cdiv(n_blocks, num_splits)
+def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_splits, interpret):
+    b, h, c = q_lat.shape
+    t, r = ckv.shape[1], krope.shape[2]
+    n_blocks = pl.cdiv(t, block_t)
+    bps = pl.cdiv(n_blocks, num_splits)
 
-  def kv_map(bi, si, ji, len_ref):
-    # Clamp to the last block holding valid entries: repeated indices are not
-    # re-fetched by the TPU pipeline, so no bandwidth is spent past the length.
-    last = jnp.maximum(pl.cdiv(len_ref[bi], block_t) - 1, 0)
-    return bi, jnp.minimum(si * bps + ji, last), 0
+    def kv_map(bi, si, ji, len_ref):
+        # Clamp to the last block holding valid entries: repeated indices are not
+        # re-fetched by the TPU pipeline, so no bandwidth is spent past the length.
+        last = jnp.maximum(pl.cdiv(len_ref[bi], block_t) - 1, 0)
+        return bi, jnp.minimum(si * bps + ji, last), 0
 
-  q_map = lambda bi, si, ji, len_ref: (bi, 0, 0)
-  out_map = lambda bi, si, ji, len_ref: (bi, si, 0, 0)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(b, num_splits, bps),
-      in_specs=[pl.BlockSpec((1, h, c), q_map), pl.BlockSpec((1, h, r), q_map),
-                pl.BlockSpec((1, block_t, c), kv_map),
-                pl.BlockSpec((1, block_t, r), kv_map)],
-      out_specs=[pl.BlockSpec((1, 1, h, c), out_map),
-                 pl.BlockSpec((1, 1, h, 1), out_map)],
-      scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32),
-                      pltpu.VMEM((h, 1), jnp.float32),
-                      pltpu.VMEM((h, c), jnp.float32)])
-  kernel = functools.partial(_decode_kernel, scale=scale, block_t=block_t,
-                             blocks_per_split=bps)
-  f32 = jnp.float32
-  o_part, lse_part = pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct((b, num_splits, h, c), f32),
-                 jax.ShapeDtypeStruct((b, num_splits, h, 1), f32)],
-      grid_spec=grid_spec,
-      interpret=interpret,
-      compiler_params=None if interpret else pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      name="mla_decode",
-  )(lengths, q_lat, q_rope, ckv, krope)
-  return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
+    q_map = lambda bi, si, ji, len_ref: (bi, 0, 0)
+    out_map = lambda bi, si, ji, len_ref: (bi, si, 0, 0)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, num_splits, bps),
+        in_specs=[
+            pl.BlockSpec((1, h, c), q_map),
+            pl.BlockSpec((1, h, r), q_map),
+            pl.BlockSpec((1, block_t, c), kv_map),
+            pl.BlockSpec((1, block_t, r), kv_map),
+        ],
+        out_specs=[pl.BlockSpec((1, 1, h, c), out_map), pl.BlockSpec((1, 1, h, 1), out_map)],
+        scratch_shapes=[
+            pltpu.VMEM((h, 1), jnp.float32),
+            pltpu.VMEM((h, 1), jnp.float32),
+            pltpu.VMEM((h, c), jnp.float32),
+        ],
+    )
+    kernel = functools.partial(_decode_kernel, scale=scale, block_t=block_t, blocks_per_split=bps)
+    f32 = jnp.float32
+    o_part, lse_part = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((b, num_splits, h, c), f32), jax.ShapeDtypeStruct((b, num_splits, h, 1), f32)],
+        grid_spec=grid_spec,
+        interpret=interpret,
+        compiler_params=None
+        if interpret
+        else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        name="mla_decode",
+    )(lengths, q_lat, q_rope, ckv, krope)
+    return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
 
 
 # -- Hopper (Mosaic GPU) variant ------------------------------------------------
@@ -123,136 +140,153 @@ _GPU_HEADS, _GPU_SPLIT_V = 64, 2
 
 
 def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_splits):
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # Hopper-only lowering
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # Hopper-only lowering
 
-  b, h, c = q_lat.shape
-  t, r = ckv.shape[1], krope.shape[2]
-  if q_lat.dtype not in (jnp.bfloat16, jnp.float16) or t % block_t:
-    raise NotImplementedError("mosaic_gpu decode needs bf16/f16 and T % block_t == 0")
-  hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
-  q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
-  q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
-  half, n_blocks = c // _GPU_SPLIT_V, t // block_t
-  bps = pl.cdiv(n_blocks, num_splits)
-  dtype, f32 = q_lat.dtype, jnp.float32
-  # 128-byte swizzled (8, 64)-tiled SMEM tiles: the operand layout WGMMA reads.
-  mma = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    b, h, c = q_lat.shape
+    t, r = ckv.shape[1], krope.shape[2]
+    if q_lat.dtype not in (jnp.bfloat16, jnp.float16) or t % block_t:
+        raise NotImplementedError("mosaic_gpu decode needs bf16/f16 and T % block_t == 0")
+    hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
+    q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
+    q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
+    half, n_blocks = c // _GPU_SPLIT_V, t // block_t
+    bps = pl.cdiv(n_blocks, num_splits)
+    dtype, f32 = q_lat.dtype, jnp.float32
+    # 128-byte swizzled (8, 64)-tiled SMEM tiles: the operand layout WGMMA reads.
+    mma = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-  def body(len_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem):
-    hb, v = lax.axis_index("hb"), lax.axis_index("v")
-    split, bi = lax.axis_index("s"), lax.axis_index("b")
-    heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
-    length = len_gmem[bi]
-    first = split * bps
-    n = jnp.clip(pl.cdiv(length, block_t) - first, 0, bps)  # blocks to visit
+    def body(len_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem):
+        hb, v = lax.axis_index("hb"), lax.axis_index("v")
+        split, bi = lax.axis_index("s"), lax.axis_index("b")
+        heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
+        length = len_gmem[bi]
+        first = split * bps
+        n = jnp.clip(pl.cdiv(length, block_t) - first, 0, bps)  # blocks to visit
 
-    def compute(q_own, q_other, q_r, bar):
-      srcs = (ql_gmem.at[bi, heads, pl.ds(v * half, half)],
-              ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)], qr_gmem.at[bi, heads])
-      for i, (src, dst) in enumerate(zip(srcs, (q_own, q_other, q_r))):
-        plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
-      for i in range(3):
-        plgpu.barrier_wait(bar.at[i])
+        def compute(q_own, q_other, q_r, bar):
+            srcs = (
+                ql_gmem.at[bi, heads, pl.ds(v * half, half)],
+                ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)],
+                qr_gmem.at[bi, heads],
+            )
+            for i, (src, dst) in enumerate(zip(srcs, (q_own, q_other, q_r))):
+                plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
+            for i in range(3):
+                plgpu.barrier_wait(bar.at[i])
 
-      def step(idx, ckv_own, ckv_other, kr, carry):
-        acc, m, l = carry
+            def step(idx, ckv_own, ckv_other, kr, carry):
+                acc, m, l = carry
 
-        def qk(s_ref):
-          plgpu.wgmma(s_ref, q_own, ckv_own.transpose((1, 0)))
-          plgpu.wgmma(s_ref, q_other, ckv_other.transpose((1, 0)))
-          plgpu.wgmma(s_ref, q_r, kr.transpose((1, 0)))
-          return s_ref[...]
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, q_own, ckv_own.transpose((1, 0)))
+                    plgpu.wgmma(s_ref, q_other, ckv_other.transpose((1, 0)))
+                    plgpu.wgmma(s_ref, q_r, kr.transpose((1, 0)))
+                    return s_ref[...]
 
-        s = pl.run_scoped(qk, plgpu.ACC((_GPU_HEADS, block_t), f32)) * scale
-        pos = (first + idx[0]) * block_t + plgpu.broadcasted_iota(
-            jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(pos < length, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                s = pl.run_scoped(qk, plgpu.ACC((_GPU_HEADS, block_t), f32)) * scale
+                pos = (first + idx[0]) * block_t + plgpu.broadcasted_iota(
+                    jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA
+                )
+                s = jnp.where(pos < length, s, MASK_VALUE)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(dtype), ckv_own)
-        return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p.astype(dtype), ckv_own)
 
-      block = lambda j: jnp.minimum(first + j, n_blocks - 1)
-      wg = plgpu.Layout.WGMMA
-      init = (plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), f32), wg),
-              plgpu.layout_cast(jnp.full((_GPU_HEADS,), -jnp.inf, f32), wg.reduce(1)),
-              plgpu.layout_cast(jnp.zeros((_GPU_HEADS,), f32), wg.reduce(1)))
-      # An empty split still runs one fully masked step (keeping the pipeline
-      # grid non-empty): m = MASK_VALUE gives lse ~ -1e30, i.e. zero weight in
-      # the merge, and o stays finite.
-      return plgpu.emit_pipeline(
-          step, grid=(jnp.maximum(n, 1),),
-          in_specs=[plgpu.BlockSpec((block_t, half), lambda j: (block(j), v), transforms=mma),
-                    plgpu.BlockSpec((block_t, half), lambda j: (block(j), 1 - v),
-                                    transforms=mma),
-                    plgpu.BlockSpec((block_t, r), lambda j: (block(j), 0), transforms=mma)],
-          max_concurrent_steps=2, init_carry=init,
-      )(ckv_gmem.at[bi], ckv_gmem.at[bi], kr_gmem.at[bi])
+                return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l
 
-    acc, m, l = pl.run_scoped(
-        compute, plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
-        plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
-        plgpu.SMEM((_GPU_HEADS, r), dtype, transforms=mma),
-        plgpu.Barrier(num_barriers=3))
+            block = lambda j: jnp.minimum(first + j, n_blocks - 1)
+            wg = plgpu.Layout.WGMMA
+            init = (
+                plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), f32), wg),
+                plgpu.layout_cast(jnp.full((_GPU_HEADS,), -jnp.inf, f32), wg.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((_GPU_HEADS,), f32), wg.reduce(1)),
+            )
+            # An empty split still runs one fully masked step (keeping the pipeline
+            # grid non-empty): m = MASK_VALUE gives lse ~ -1e30, i.e. zero weight in
+            # the merge, and o stays finite.
+            return plgpu.emit_pipeline(
+                step,
+                grid=(jnp.maximum(n, 1),),
+                in_specs=[
+                    plgpu.BlockSpec((block_t, half), lambda j: (block(j), v), transforms=mma),
+                    plgpu.BlockSpec((block_t, half), lambda j: (block(j), 1 - v), transforms=mma),
+                    plgpu.BlockSpec((block_t, r), lambda j: (block(j), 0), transforms=mma),
+                ],
+                max_concurrent_steps=2,
+                init_carry=init,
+            )(ckv_gmem.at[bi], ckv_gmem.at[bi], kr_gmem.at[bi])
 
-    # Staged after the pipeline's scope closes, so it reuses that SMEM.
-    def store(o_smem, lse_smem):
-      o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-      lse_smem[...] = m + jnp.log(l)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, split, heads, pl.ds(v * half, half)])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, split, heads])  # same in both halves
-      plgpu.wait_smem_to_gmem(0)
+        acc, m, l = pl.run_scoped(
+            compute,
+            plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
+            plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
+            plgpu.SMEM((_GPU_HEADS, r), dtype, transforms=mma),
+            plgpu.Barrier(num_barriers=3),
+        )
 
-    pl.run_scoped(store, plgpu.SMEM((_GPU_HEADS, half), f32), plgpu.SMEM((_GPU_HEADS,), f32))
+        # Staged after the pipeline's scope closes, so it reuses that SMEM.
+        def store(o_smem, lse_smem):
+            o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            lse_smem[...] = m + jnp.log(l)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, split, heads, pl.ds(v * half, half)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, split, heads])  # same in both halves
+            plgpu.wait_smem_to_gmem(0)
 
-  o_part, lse_part = plgpu.kernel(
-      body,
-      out_type=[jax.ShapeDtypeStruct((b, num_splits, hp, c), f32),
-                jax.ShapeDtypeStruct((b, num_splits, hp), f32)],
-      grid=(hp // _GPU_HEADS, _GPU_SPLIT_V, num_splits, b),
-      grid_names=("hb", "v", "s", "b"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(lengths, q_lat, q_rope, ckv, krope)
-  o, lse = combine_splits(o_part, lse_part, dtype)
-  return o[:, :h], lse[:, :h]
+        pl.run_scoped(store, plgpu.SMEM((_GPU_HEADS, half), f32), plgpu.SMEM((_GPU_HEADS,), f32))
+
+    o_part, lse_part = plgpu.kernel(
+        body,
+        out_type=[jax.ShapeDtypeStruct((b, num_splits, hp, c), f32), jax.ShapeDtypeStruct((b, num_splits, hp), f32)],
+        grid=(hp // _GPU_HEADS, _GPU_SPLIT_V, num_splits, b),
+        grid_names=("hb", "v", "s", "b"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(lengths, q_lat, q_rope, ckv, krope)
+    o, lse = combine_splits(o_part, lse_part, dtype)
+    return o[:, :h], lse[:, :h]
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_t", "num_splits", "backend"))
-def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None,
-               num_splits=None, backend="auto"):
-  """Absorbed-MLA decode attention over the latent cache.
+def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None, num_splits=None, backend="auto"):
+    """Absorbed-MLA decode attention over the latent cache.
 
-  q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32
-  (1 <= length <= T; entries at positions >= length are ignored).
-  Returns (o_lat [B,H,C] in q dtype, lse [B,H] fp32).
-  block_t: cache rows per block. num_splits: T-splits (split-K); None picks
-  enough to fill the device. backend: "auto" | "interpret" | "mosaic_tpu" |
-  "mosaic_gpu" | "xla" (pure-JAX reference).
-  """
-  backend = resolve_backend(backend)
-  lengths = jnp.clip(lengths.astype(jnp.int32), 0, ckv.shape[1])
-  if backend == "xla":
-    return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
-  block_t = block_t or {"mosaic_tpu": 128}.get(backend, 64)
-  n_blocks = pl.cdiv(ckv.shape[1], block_t)
-  if num_splits is None:
-    # Enough (batch, split) programs to fill the chip: 132 SMs on H100/H200
-    # (times head tiles / value halves), 2 TensorCores on megacore TPUs.
-    target = {"mosaic_gpu": 132, "mosaic_tpu": 2}.get(backend, 1)
-    programs = q_lat.shape[0]
+    q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32
+    (1 <= length <= T; entries at positions >= length are ignored).
+    Returns (o_lat [B,H,C] in q dtype, lse [B,H] fp32).
+    block_t: cache rows per block. num_splits: T-splits (split-K); None picks
+    enough to fill the device. backend: "auto" | "interpret" | "mosaic_tpu" |
+    "mosaic_gpu" | "xla" (pure-JAX reference).
+    """
+    backend = resolve_backend(backend)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, ckv.shape[1])
+    if backend == "xla":
+        return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
+    block_t = block_t or {"mosaic_tpu": 128}.get(backend, 64)
+    n_blocks = pl.cdiv(ckv.shape[1], block_t)
+    if num_splits is None:
+        # Enough (batch, split) programs to fill the chip: 132 SMs on H100/H200
+        # (times head tiles / value halves), 2 TensorCores on megacore TPUs.
+        target = {"mosaic_gpu": 132, "mosaic_tpu": 2}.get(backend, 1)
+        programs = q_lat.shape[0]
+        if backend == "mosaic_gpu":
+            programs *= pl.cdiv(q_lat.shape[1], _GPU_HEADS) * _GPU_SPLIT_V
+        num_splits = pl.cdiv(target, programs)
+    num_splits = max(1, min(num_splits, n_blocks))
     if backend == "mosaic_gpu":
-      programs *= pl.cdiv(q_lat.shape[1], _GPU_HEADS) * _GPU_SPLIT_V
-    num_splits = pl.cdiv(target, programs)
-  num_splits = max(1, min(num_splits, n_blocks))
-  if backend == "mosaic_gpu":
-    return _decode_gpu(q_lat, q_rope, ckv, krope, lengths, scale=scale,
-                       block_t=block_t, num_splits=num_splits)
-  return _decode_pallas(q_lat, q_rope, ckv, krope, lengths, scale=scale,
-                        block_t=block_t, num_splits=num_splits,
-                        interpret=backend == "interpret")
+        return _decode_gpu(q_lat, q_rope, ckv, krope, lengths, scale=scale, block_t=block_t, num_splits=num_splits)
+    return _decode_pallas(
+        q_lat,
+        q_rope,
+        ckv,
+        krope,
+        lengths,
+        scale=scale,
+        block_t=block_t,
+        num_splits=num_splits,
+        interpret=backend == "interpret",
+    )

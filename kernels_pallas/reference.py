@@ -3,6 +3,7 @@
 The references materialise full score matrices in fp32; they are the ground
 truth for tests and the `backend="xla"` path.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -13,53 +14,53 @@ MASK_VALUE = -1e30
 
 
 def online_softmax_update(s, m_prev, l_prev, acc_prev, v):
-  """One flash step: fold scores s [M,N] (fp32, already masked) and values v [N,D].
+    """One flash step: fold scores s [M,N] (fp32, already masked) and values v [N,D].
 
-  m_prev/l_prev are [M,1] running max / denominator, acc_prev [M,D] fp32.
-  Returns the updated (m, l, acc). p is cast to v's dtype so the PV matmul runs
-  at the input precision (bf16 MXU/tensor-core path) with fp32 accumulation.
-  """
-  m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-  alpha = jnp.exp(m_prev - m_new)
-  p = jnp.exp(s - m_new)
-  l_new = alpha * l_prev + p.sum(axis=-1, keepdims=True)
-  pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-  return m_new, l_new, alpha * acc_prev + pv
+    m_prev/l_prev are [M,1] running max / denominator, acc_prev [M,D] fp32.
+    Returns the updated (m, l, acc). p is cast to v's dtype so the PV matmul runs
+    at the input precision (bf16 MXU/tensor-core path) with fp32 accumulation.
+    """
+    m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new)
+    l_new = alpha * l_prev + p.sum(axis=-1, keepdims=True)
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return m_new, l_new, alpha * acc_prev + pv
 
 
 def mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, *, scale):
-  """Absorbed-MLA decode: one query token per sequence over the latent cache.
+    """Absorbed-MLA decode: one query token per sequence over the latent cache.
 
-  q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32.
-  Returns o_lat [B,H,C] (q dtype) and lse [B,H] fp32.
-  """
-  f32 = jnp.float32
-  s = (jnp.einsum("bhc,btc->bht", q_lat, ckv, preferred_element_type=f32)
-       + jnp.einsum("bhr,btr->bht", q_rope, krope, preferred_element_type=f32))
-  s = s * scale
-  valid = jnp.arange(ckv.shape[1])[None, None, :] < lengths[:, None, None]
-  s = jnp.where(valid, s, -jnp.inf)
-  lse = jax.nn.logsumexp(s, axis=-1)
-  p = jnp.exp(s - lse[..., None])
-  o = jnp.einsum("bht,btc->bhc", p, ckv.astype(f32))
-  return o.astype(q_lat.dtype), lse
+    q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32.
+    Returns o_lat [B,H,C] (q dtype) and lse [B,H] fp32.
+    """
+    f32 = jnp.float32
+    s = jnp.einsum("bhc,btc->bht", q_lat, ckv, preferred_element_type=f32) + jnp.einsum(
+        "bhr,btr->bht", q_rope, krope, preferred_element_type=f32
+    )
+    s = s * scale
+    valid = jnp.arange(ckv.shape[1])[None, None, :] < lengths[:, None, None]
+    s = jnp.where(valid, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse[..., None])
+    o = jnp.einsum("bht,btc->bhc", p, ckv.astype(f32))
+    return o.astype(q_lat.dtype), lse
 
 
 def mla_attention_reference(q, k, v, *, scale, segment_ids=None, causal=True):
-  """Multi-head attention with qk dim != v dim. q,k [B,T,H,Dqk], v [B,T,H,Dv].
+    """Multi-head attention with qk dim != v dim. q,k [B,T,H,Dqk], v [B,T,H,Dv].
 
-  segment_ids [B,T] int32 restricts attention to equal ids (packed sequences).
-  """
-  f32 = jnp.float32
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
-  t = q.shape[1]
-  mask = jnp.ones((1, 1, t, t), bool)
-  if causal:
-    mask = jnp.tril(mask)
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-  s = jnp.where(mask, s, MASK_VALUE)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32))
-  return o.astype(q.dtype)
+    segment_ids [B,T] int32 restricts attention to equal ids (packed sequences).
+    """
+    f32 = jnp.float32
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
+    t = q.shape[1]
+    mask = jnp.ones((1, 1, t, t), bool)
+    if causal:
+        mask = jnp.tril(mask)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    s = jnp.where(mask, s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32))
+    return o.astype(q.dtype)
