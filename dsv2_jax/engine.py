@@ -26,16 +26,17 @@ MIN_BUCKET = 16
 
 def _prefill_and_sample(graphdef, state, cache, tokens, lengths, key, temperature, top_k, top_p):
     logits, cache = prefill(nnx.merge(graphdef, state), cache, tokens, lengths)
-    return sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p), cache
+    return sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p), logits, cache
 
 
 def _decode_and_sample(graphdef, state, cache, tokens, key, step, temperature, top_k, top_p):
     logits, cache = decode_step(nnx.merge(graphdef, state), cache, tokens)
-    return sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p), cache
+    return sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p), logits, cache
 
 
-_PREFILL = jax.jit(_prefill_and_sample, static_argnums=0, donate_argnums=2)
-_DECODE = jax.jit(_decode_and_sample, static_argnums=0, donate_argnums=2)
+# (graphdef, state, cache, ...) -> (next tokens [B], their logits [B, V], cache); the cache is donated.
+prefill_and_sample = jax.jit(_prefill_and_sample, static_argnums=0, donate_argnums=2)
+decode_and_sample = jax.jit(_decode_and_sample, static_argnums=0, donate_argnums=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -102,24 +103,29 @@ class DecodeEngine:
         longest = max(len(p) for p in prompts)
         return self.max_len or min(_next_pow2(longest + max_new_tokens), cfg.max_position_embeddings)
 
+    def batch(self, prompts: list[list[int]], max_new_tokens: int):
+        """Validated, right-padded prompt batch: (tokens [B, bucket], lengths [B], empty cache [B, max_len])."""
+        max_len = self._check(prompts, max_new_tokens)
+        bucket = min(max(_next_pow2(max(len(p) for p in prompts)), MIN_BUCKET), max_len)
+        tokens = np.zeros((len(prompts), bucket), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        return jnp.asarray(tokens), lengths, LatentCache.zeros(self.config, len(prompts), max_len, self.cache_dtype)
+
     def stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                eos_id: int | None = None) -> Iterator[list[int | None]]:
         """Yields, per step, each sequence's new token (None once it has finished with eos_id)."""
-        max_len = self._check(prompts, max_new_tokens)
-        b, longest = len(prompts), max(len(p) for p in prompts)
-        bucket = min(max(_next_pow2(longest), MIN_BUCKET), max_len)
-        tokens = np.zeros((b, bucket), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        tokens, lengths, cache = self.batch(prompts, max_new_tokens)
+        b = len(prompts)
         knobs = (jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
         key = jax.random.key(seed)
-        cache = LatentCache.zeros(self.config, b, max_len, self.cache_dtype)
-        self.stats = DecodeStats(batch=b, prompt_bucket=bucket, max_len=max_len, cache_nbytes=cache.nbytes)
+        self.stats = DecodeStats(batch=b, prompt_bucket=tokens.shape[1], max_len=cache.max_len,
+                                 cache_nbytes=cache.nbytes)
 
         t0 = time.perf_counter()
-        tok, cache = _PREFILL(self.graphdef, self.state, cache, jnp.asarray(tokens), lengths, key, *knobs)
+        tok, _, cache = prefill_and_sample(self.graphdef, self.state, cache, tokens, lengths, key, *knobs)
         tok.block_until_ready()
         t1 = time.perf_counter()
         self.stats.prefill_s = t1 - t0
@@ -128,7 +134,8 @@ class DecodeEngine:
             # Dispatch the next step before reading this one's tokens, so host work overlaps device work.
             more = step + 1 < max_new_tokens
             if more:
-                nxt, cache = _DECODE(self.graphdef, self.state, cache, tok, key, jnp.int32(step + 1), *knobs)
+                nxt, _, cache = decode_and_sample(self.graphdef, self.state, cache, tok, key, jnp.int32(step + 1),
+                                                  *knobs)
             host = np.asarray(tok)
             out = [None if done[i] else int(host[i]) for i in range(b)]
             self.stats.new_tokens += sum(t is not None for t in out)
