@@ -43,13 +43,12 @@ class LatentCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: (kv_lora_rank + qk_rope_head_dim) · layers · itemsize · batch · max_len (lengths excluded)."""
+        """Bytes held: (kv_lora_rank + qk_rope_head_dim) · layers · itemsize · batch · max_len.
+
+        The [B] lengths are not counted.
+        """
         return sum(a.size * a.dtype.itemsize for a in (*self.ckv, *self.krope))
 
     def replace(self, **kw) -> LatentCache:
         return LatentCache(**{"ckv": self.ckv, "krope": self.krope, "lengths": self.lengths, **kw})
 
-
-def latent_cache_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> int:
-    """Cache bytes for `tokens` cached tokens (all sequences together)."""
-    return cfg.latent_cache_dim * cfg.num_hidden_layers * itemsize * tokens

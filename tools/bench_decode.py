@@ -166,9 +166,9 @@ def main(argv=None) -> int:
             for c in map(int, args.contexts.split(",")):
                 point = bench_point(model, torch_model, b, c, args.new)
                 for r in point:
+                    speedup = r.get("speedup_vs_transformers")
                     print(f"B={b:<3} ctx={c:<5} {r['impl']:<28} cache {r['cache_bytes'] or 0:>12,} B  "
-                          f"{r['tokens_per_s'] or float('nan'):>10.1f} tok/s" + (f"  x{r['speedup_vs_transformers']} vs HF"
-                                                                     if "speedup_vs_transformers" in r else ""))
+                          f"{r['tokens_per_s'] or float('nan'):>10.1f} tok/s" + (f"  x{speedup} vs HF" if speedup else ""))
                 rows += point
     if args.out:
         with open(args.out, "a") as f:
