@@ -1,6 +1,7 @@
 """dsv2-jax: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in JAX / Flax NNX."""
 
 from dsv2_jax.config import ConfigError, ModelConfig
+from dsv2_jax.engine import DecodeEngine, generate
 from dsv2_jax.hf_checkpoint import load_hf
 from dsv2_jax.model import DeepseekV2, abstract_model, init_model
 from dsv2_jax.safetensors_io import CheckpointError
@@ -15,4 +16,5 @@ def load_model(path, dtype="float32", **config_overrides) -> DeepseekV2:
     return load_hf(path, dtype, **config_overrides)
 
 
-__all__ = ["CheckpointError", "ConfigError", "DeepseekV2", "ModelConfig", "abstract_model", "init_model", "load_model"]
+__all__ = ["CheckpointError", "ConfigError", "DecodeEngine", "DeepseekV2", "ModelConfig", "abstract_model", "generate",
+           "init_model", "load_model"]

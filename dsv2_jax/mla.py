@@ -46,6 +46,28 @@ def pallas_backend(cfg: ModelConfig) -> str | None:
     return "interpret" if compiled == "xla" else compiled
 
 
+def latent_attention(q_lat, q_rope, ckv, krope, lengths, *, scale) -> jnp.ndarray:
+    """Absorbed single-query attention over a latent cache (pure jnp; the Pallas kernel has the same contract).
+
+    q_lat [B,H,C] (W_UK already folded in), q_rope [B,H,R], ckv [B,S,C], krope [B,S,R]; row b attends to cache
+    positions < lengths[b]. Returns o_lat [B,H,C] in q_lat's dtype (W_UV is applied by the caller).
+    """
+    scores = (jnp.einsum("bhc,bsc->bhs", q_lat, ckv, preferred_element_type=jnp.float32)
+              + jnp.einsum("bhr,bsr->bhs", q_rope, krope, preferred_element_type=jnp.float32))
+    valid = jnp.arange(ckv.shape[1])[None, None, :] < lengths[:, None, None]
+    probs = masked_softmax(scores * scale, valid).astype(q_lat.dtype)
+    return jnp.einsum("bhs,bsc->bhc", probs, ckv.astype(q_lat.dtype))
+
+
+def latent_attention_impl(cfg: ModelConfig):
+    """The decode attention core for this config: the Pallas flash-decoding kernel or the jnp version."""
+    backend = pallas_backend(cfg)
+    if backend is None:
+        return latent_attention
+    return lambda q_lat, q_rope, ckv, krope, lengths, *, scale: kernels_pallas.mla_decode(
+        q_lat, q_rope, ckv, krope, lengths, scale=scale, backend=backend)[0]
+
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, stack=()):
         h, dqk = cfg.num_attention_heads, cfg.qk_head_dim
@@ -123,3 +145,20 @@ class MLA(nnx.Module):
         mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
         attend = self.attend_absorbed if absorbed else self.attend_expanded
         return self.output(attend(q_nope, q_rope, ckv, k_rope, mask))
+
+    def decode(self, x, cos, sin, cache_ckv, cache_krope, lengths):
+        """One new token per sequence with weight absorption over the latent cache.
+
+        x [B,1,D] at positions `lengths` (cos/sin [B,1,rope/2]); cache_ckv [B,S,C], cache_krope [B,S,R] hold
+        `lengths[b]` valid tokens. Returns (out [B,1,D], cache_ckv, cache_krope) with this token appended.
+        """
+        q_nope, q_rope = self.queries(x, cos, sin)
+        ckv, k_rope = self.latents(x, cos, sin)
+        rows = jnp.arange(x.shape[0])
+        cache_ckv = cache_ckv.at[rows, lengths].set(ckv[:, 0].astype(cache_ckv.dtype))
+        cache_krope = cache_krope.at[rows, lengths].set(k_rope[:, 0].astype(cache_krope.dtype))
+        q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], self.w_uk[...])
+        attend = latent_attention_impl(self.cfg)
+        o_lat = attend(q_lat, q_rope[:, 0], cache_ckv, cache_krope, lengths + 1, scale=self.cfg.softmax_scale)
+        o = jnp.einsum("bhc,chv->bhv", o_lat, self.w_uv[...])
+        return self.output(o[:, None]), cache_ckv, cache_krope

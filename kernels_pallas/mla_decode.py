@@ -144,8 +144,6 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
 
     b, h, c = q_lat.shape
     t, r = ckv.shape[1], krope.shape[2]
-    if q_lat.dtype not in (jnp.bfloat16, jnp.float16) or t % block_t:
-        raise NotImplementedError("mosaic_gpu decode needs bf16/f16 and T % block_t == 0")
     hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
     q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
     q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
@@ -267,6 +265,9 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None, num_s
     if backend == "xla":
         return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
     block_t = block_t or {"mosaic_tpu": 128}.get(backend, 64)
+    if backend == "mosaic_gpu" and (q_lat.dtype not in (jnp.bfloat16, jnp.float16) or ckv.shape[1] % block_t):
+        # The Hopper kernel needs a 16-bit cache in whole blocks; anything else takes the XLA path.
+        return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
     n_blocks = pl.cdiv(ckv.shape[1], block_t)
     if num_splits is None:
         # Enough (batch, split) programs to fill the chip: 132 SMs on H100/H200

@@ -1,0 +1,78 @@
+"""`dsv2 generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3)`: streamed generation from one prompt.
+
+Text goes through the checkpoint's tokenizer.json (HF `tokenizers`) or, without one, the byte-level tokenizer.
+With --prompt-ids and --json no tokenizer is needed: ids in, ids out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def load_text_tokenizer(checkpoint: Path):
+    from dsv2_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(checkpoint if (checkpoint / "tokenizer.json").is_file() else None)
+
+
+def run(args) -> int:
+    from dsv2_jax import load_model
+    from dsv2_jax.engine import DecodeEngine
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+    needs_text = args.prompt is not None or not args.json
+    tokenizer = load_text_tokenizer(checkpoint) if needs_text else None
+    ids = tokenizer.encode(args.prompt) if args.prompt is not None else parse_ids(args.prompt_ids)
+    model = load_model(checkpoint, args.dtype)
+    eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+    eos = model.config.eos_token_id if eos is None else eos
+    engine = DecodeEngine(model)
+    new: list[int] = []
+    shown = ""
+    for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, eos_id=eos):
+        new.append(step[0])
+        if not args.json:  # print only the newly completed text (multi-byte characters may span tokens)
+            text = tokenizer.decode(new)
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    stats = engine.stats
+    if args.json:
+        record = {"prompt_ids": ids, "new_ids": new, "tokens_per_s": round(stats.tokens_per_s, 2),
+                  "prefill_s": round(stats.prefill_s, 4), "cache_bytes": stats.cache_nbytes}
+        if tokenizer is not None:
+            record["text"] = tokenizer.decode(new)
+        print(json.dumps(record))
+    else:
+        print()
+        print(f"[{len(new)} tokens, {stats.tokens_per_s:.1f} tok/s, latent cache {stats.cache_nbytes} bytes]",
+              file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint with the latent KV cache")
+    p.add_argument("--checkpoint", required=True, help="HF-format DeepSeek-V2 directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
+    src.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--json", action="store_true", help="print one JSON line (ids, text, tokens/s, cache bytes)")
+    p.set_defaults(func=run)
