@@ -13,7 +13,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from dsv2_jax import generate, load_model
 from dsv2_jax.engine import DecodeEngine, decode_and_sample, prefill_and_sample
 from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.mla import MLA, causal_segment_mask
+from dsv2_jax.mla import causal_segment_mask
+from dsv2_jax.model import init_model
 from dsv2_jax.rope import rope_tables
 from dsv2_jax.sampling import sample
 
@@ -85,7 +86,8 @@ def test_every_decode_step_matches_teacher_forced_forward(engine):
 def test_absorbed_decode_equals_expanded_attention(case):
     """MLA.decode (latent cache + weight absorption) == expanded causal attention, per-row cache lengths."""
     cfg = case[1].config
-    graphdef, state = nnx.split(MLA(cfg, jnp.float32, nnx.Rngs(3)))
+    graphdef, stacked = nnx.split(init_model(cfg, seed=3, std=0.15).moe_layers.attn)
+    state = jax.tree.map(lambda x: x[0], stacked)  # layer 0 of the stack
     b, s = 3, 16
     lengths = jnp.array([0, 7, 15])  # tokens already cached; the decoded token sits at this position
 

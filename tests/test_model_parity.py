@@ -72,18 +72,6 @@ def test_sharded_checkpoint_loads_identically(tmp_path, hf_v2):
     assert np.abs(out - hf_logits(torch_model, ids)).max() <= 1e-4
 
 
-def test_absorbed_attention_equals_expanded():
-    cfg = ModelConfig.preset("tiny")
-    model = init_model(cfg, seed=3)
-    graphdef, state = nnx.split(model.moe_layers.attn)  # stacked over layers: take layer 0
-    mla = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
-    x = jax.random.normal(jax.random.key(0), (2, 24, cfg.hidden_size))
-    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(24), (2, 24)))
-    a = mla(x, cos, sin)
-    b = mla(x, cos, sin, absorbed=True)
-    assert np.abs(np.asarray(a - b)).max() < 1e-5
-
-
 def test_packed_segments_equal_separate_sequences():
     """Two documents packed in one row (segment ids, restarted positions) == each run alone."""
     cfg = ModelConfig.preset("tiny")
