@@ -26,6 +26,7 @@ from orbax.checkpoint._src.serialization import types as ser_types
 METADATA_FILE = "_METADATA"  # Orbax's pytree metadata file: its presence marks an Orbax checkpoint
 CHUNK_BYTES = 64 << 20  # zarr chunk target inside each per-layer shard; routed experts get one chunk each
 EXPERT_AXIS = "expert"
+WRITER_CACHE_BYTES = 8 << 20
 
 
 def param_name(path: tuple) -> str:
@@ -68,7 +69,10 @@ class OrbaxTreeWriter:
         self.directory = epath.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
         self.leaves = dict(leaves)
-        self._context = context = ts_utils.get_ts_context(use_ocdbt=True)
+        # Orbax's context caches up to 100 MB of OCDBT B-tree nodes, which a writer never rereads: keep it
+        # small so memory stays flat however many layers are written.
+        self._context = context = ts.Context({**ts_utils.get_ts_context(use_ocdbt=True).spec.to_json(),
+                                              "cache_pool#ocdbt": {"total_bytes_limit": WRITER_CACHE_BYTES}})
         self._arrays = {}
         for path, leaf in self.leaves.items():
             shard_axes = tuple(i for i, a in enumerate(leaf.axes) if a == EXPERT_AXIS)
