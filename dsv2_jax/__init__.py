@@ -1,19 +1,21 @@
 """dsv2-jax: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in JAX / Flax NNX."""
 
 from dsv2_jax.config import ConfigError, ModelConfig
+from dsv2_jax.convert import load_checkpoint
 from dsv2_jax.engine import DecodeEngine, generate
-from dsv2_jax.hf_checkpoint import load_hf
 from dsv2_jax.model import DeepseekV2, abstract_model, init_model
 from dsv2_jax.safetensors_io import CheckpointError
 
 
-def load_model(path, dtype="float32", **config_overrides) -> DeepseekV2:
-    """Loads a model from an HF DeepSeek-V2 directory (config.json + safetensors, single or sharded).
+def load_model(path, dtype="float32", *, mesh=None, rules=None, shardings=None, **config_overrides) -> DeepseekV2:
+    """Loads a model from an HF DeepSeek-V2 directory (config.json + safetensors, single or sharded) or a
+    directory written by `dsv2 convert` (Orbax params/ + dsv2_config.json).
 
     `dtype` ("float32" | "bfloat16") is the parameter and compute dtype; the MoE router stays fp32.
-    `config_overrides` set implementation fields such as moe_impl="reference" or attention_impl="xla".
+    `mesh` + `rules` (logical axis → mesh axes) or `shardings` (a pure dict of shardings) place parameters
+    directly in their shardings. `config_overrides` set implementation fields such as moe_impl="reference".
     """
-    return load_hf(path, dtype, **config_overrides)
+    return load_checkpoint(path, dtype, mesh=mesh, rules=rules, shardings=shardings, **config_overrides)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DecodeEngine", "DeepseekV2", "ModelConfig", "abstract_model", "generate",

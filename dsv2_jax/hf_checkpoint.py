@@ -136,18 +136,26 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
+def entry_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, i: int, ent: Entry, dtype) -> np.ndarray:
+    """One parameter of layer i from HF tensors; routed experts are filled into one preallocated [E, ...] block
+    (no list-then-stack copy), so streaming conversion peaks at one expert block."""
+    dt, prefix = _dtype_for(ent.path, dtype), f"model.layers.{i}."
+    if "{e}" not in ent.hf:
+        return np.ascontiguousarray(_cast(ent.to_ours(get(prefix + ent.hf)), dt))
+    out = None
+    for e in range(cfg.n_routed_experts):
+        one = ent.to_ours(get(prefix + ent.hf.format(e=e)))
+        if out is None:
+            out = np.empty((cfg.n_routed_experts, *one.shape), dt)
+        out[e] = one
+    return out
+
+
 def layer_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, i: int, dtype) -> dict:
     """One decoder layer's parameter tree (unstacked numpy arrays) from HF tensors."""
     tree: dict = {}
-    prefix = f"model.layers.{i}."
     for ent in layer_entries(cfg, is_moe_layer(cfg, i)):
-        dt = _dtype_for(ent.path, dtype)
-        if "{e}" in ent.hf:
-            value = np.stack([_cast(ent.to_ours(get(prefix + ent.hf.format(e=e))), dt)
-                              for e in range(cfg.n_routed_experts)])
-        else:
-            value = _cast(ent.to_ours(get(prefix + ent.hf)), dt)
-        _set(tree, ent.path, np.ascontiguousarray(value))
+        _set(tree, ent.path, entry_from_hf(get, cfg, i, ent, dtype))
     return tree
 
 

@@ -1,7 +1,7 @@
 """Safetensors read/write with numpy alone (no torch), bf16 included, one tensor at a time.
 
-Reading memory-maps each file and copies out only the tensor asked for, so a converter can stream a 236B
-checkpoint. Every failure is a `CheckpointError` naming the file and tensor.
+Reading copies out only the tensor asked for with a positioned read (no memory map, so pages of tensors
+already read never count against the process), so a converter can stream a 236B checkpoint. Every failure is a `CheckpointError` naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ class SafetensorsCheckpoint:
                 if name in self._where:
                     raise CheckpointError(f"{path}: tensor '{name}' also stored in {self._where[name][0].name}")
                 self._where[name] = (path, info, start)
-        self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -99,6 +98,10 @@ class SafetensorsCheckpoint:
     def file_of(self, name: str) -> Path:
         return self._where[name][0]
 
+    def dtype_name(self, name: str) -> str:
+        """The stored safetensors dtype string ("BF16", "F32", ... possibly one we cannot read, e.g. "I32")."""
+        return self._where[name][1]["dtype"]
+
     def get(self, name: str) -> np.ndarray:
         """A private in-memory copy of one tensor, in its stored dtype."""
         if name not in self._where:
@@ -107,14 +110,14 @@ class SafetensorsCheckpoint:
         if info["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {info['dtype']} "
                                   f"(supported: {', '.join(DTYPES)})")
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
-        raw = self._maps[path][start + begin:start + end]
-        return np.array(raw.view(DTYPES[info["dtype"]]).reshape(info["shape"]))
+        dtype = DTYPES[info["dtype"]]
+        with open(path, "rb") as f:
+            arr = np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        return arr.reshape(info["shape"])
 
     def close(self) -> None:
-        self._maps.clear()
+        """Nothing stays open between reads; kept so callers can release a checkpoint explicitly."""
 
 
 def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]],

@@ -1,0 +1,257 @@
+"""HF safetensors ⇄ Orbax conversion, streamed one tensor at a time, and loading either kind of directory.
+
+A converted directory holds `params/` (an Orbax pytree checkpoint of the model's own parameter tree: layers
+stacked [L, ...], experts stacked [E, ...]), `config.json` (HF dialect), `dsv2_config.json` (ModelConfig) and
+any tokenizer files. Conversion walks the HF-name ⇄ parameter mapping of hf_checkpoint.py one parameter of
+one layer at a time, so peak memory is about one layer's largest expert block whatever the layer count.
+Outputs are built in a temporary directory beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from dsv2_jax.config import ModelConfig, to_hf_dict
+from dsv2_jax.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
+                                    layer_entries, layer_to_hf, load_hf, resolve_dtype, stacked_groups, top_entries,
+                                    top_to_hf)
+from dsv2_jax.model import DeepseekV2, abstract_model
+from dsv2_jax.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
+                               param_name, restore_tree, shardings_for)
+from dsv2_jax.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
+
+PARAMS_DIR = "params"
+HF_CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "dsv2_config.json"
+# Copied through unchanged in both directions (tokenizer and generation defaults).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+def is_orbax_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / PARAMS_DIR / METADATA_FILE).is_file()
+
+
+def leaf_specs(cfg: ModelConfig, dtype) -> dict[tuple, LeafSpec]:
+    """Every parameter of the model (path → shape, dtype, logical axes), from the abstract model: no memory."""
+    stacked = {key for key, _ in stacked_groups(cfg)}
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg, dtype))):
+        value = var.get_value()
+        out[tuple(path)] = LeafSpec(value.shape, value.dtype, var.axes, stacked=path[0] in stacked)
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | os.PathLike, force: bool, source: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary directory beside `out_dir`, renamed to it on success and removed on any failure."""
+    out = Path(out_dir).absolute()
+    if out.resolve() == Path(source).resolve():
+        raise ValueError(f"{out}: output directory is the input directory")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
+    try:
+        yield tmp
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = [name for name in SIDE_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, dst / name)
+    return copied
+
+
+def _write_hf_config(cfg: ModelConfig, dtype: np.dtype, path: Path) -> None:
+    path.write_text(json.dumps(dict(to_hf_dict(cfg), torch_dtype=np.dtype(dtype).name), indent=2))
+
+
+def open_hf_checkpoint(hf_dir: str | os.PathLike) -> tuple[ModelConfig, SafetensorsCheckpoint]:
+    """Config and tensors of an HF directory, validated up front (names, shapes, dtypes) before any writing."""
+    cfg = ModelConfig.from_hf(Path(hf_dir))
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    check_tensors(ckpt, cfg)
+    for name in ckpt.names():
+        if ckpt.dtype_name(name) not in DTYPES:
+            raise CheckpointError(f"{ckpt.file_of(name)}: tensor '{name}': unsupported dtype "
+                                  f"{ckpt.dtype_name(name)} (supported: {', '.join(DTYPES)})")
+    return cfg, ckpt
+
+
+def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype=None, force: bool = False,
+                        progress: bool = True) -> dict:
+    """HF DeepSeek-V2 directory → converted Orbax directory. `dtype` None keeps the checkpoint's own dtype.
+
+    Returns {"bytes_read", "dtype", "side_files"}.
+    """
+    hf_dir = Path(hf_dir)
+    cfg, ckpt = open_hf_checkpoint(hf_dir)
+    dt = resolve_dtype(dtype) if dtype is not None else DTYPES[ckpt.dtype_name("model.embed_tokens.weight")]
+    total = sum(int(np.prod(s)) * DTYPES[ckpt.dtype_name(n)].itemsize for n, s in hf_tensor_shapes(cfg).items())
+    with staged_output(out_dir, force, hf_dir) as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+        def get(name: str) -> np.ndarray:
+            arr = ckpt.get(name)
+            bar.update(arr.nbytes)
+            return arr
+
+        writer = OrbaxTreeWriter(tmp / PARAMS_DIR, leaf_specs(cfg, dt))
+        for ent in top_entries(cfg):
+            writer.write(ent.path, np.ascontiguousarray(ent.to_ours(get(ent.hf)).astype(dt, copy=False)))
+        for key, layers in stacked_groups(cfg):
+            for j, i in enumerate(layers):
+                for ent in layer_entries(cfg, is_moe_layer(cfg, i)):
+                    writer.write((key, *ent.path), entry_from_hf(get, cfg, i, ent, dt), index=j)
+        writer.finish()
+        _write_hf_config(cfg, dt, tmp / HF_CONFIG_FILE)
+        cfg.to_json(tmp / MODEL_CONFIG_FILE)
+        side = _copy_side_files(hf_dir, tmp)
+    return {"bytes_read": total, "dtype": dt.name, "side_files": side}
+
+
+class _LazyTree:
+    """Stands in for one layer's (or the top-level) parameter tree: a leaf is read from disk when indexed."""
+
+    def __init__(self, reader: OrbaxTreeReader, prefix: tuple, index: int | None):
+        self.reader, self.prefix, self.index = reader, prefix, index
+
+    def __getitem__(self, key):
+        path = (*self.prefix, key)
+        if path in self.reader.paths:
+            return self.reader.read(path, self.index)
+        return _LazyTree(self.reader, path, self.index)
+
+
+def _open_converted(ckpt_dir: Path) -> tuple[ModelConfig, OrbaxTreeReader]:
+    cfg = ModelConfig.from_json(ckpt_dir / MODEL_CONFIG_FILE)
+    reader = OrbaxTreeReader(ckpt_dir / PARAMS_DIR)
+    expected = leaf_specs(cfg, np.float32)
+    missing = sorted(set(expected) - set(reader.paths))
+    if missing:
+        raise CheckpointError(f"{reader.directory}: parameter '{param_name(missing[0])}' is missing")
+    extra = sorted(set(reader.paths) - set(expected))
+    if extra:
+        raise CheckpointError(f"{reader.directory}: unexpected parameter '{param_name(extra[0])}' "
+                              f"(does {MODEL_CONFIG_FILE} match?)")
+    for path, leaf in expected.items():
+        shape = tuple(reader.array(path).shape)
+        if shape != leaf.shape:
+            raise CheckpointError(f"{reader.directory}: parameter '{param_name(path)}' has shape {list(shape)}, "
+                                  f"{MODEL_CONFIG_FILE} implies {list(leaf.shape)}")
+    return cfg, reader
+
+
+def _hf_layout(cfg: ModelConfig) -> list[tuple[str, tuple]]:
+    """HF tensor names and shapes in the order `_hf_tensors` yields them."""
+    names = [(ent.hf, ent.hf_shape) for ent in top_entries(cfg)]
+    for _, layers in stacked_groups(cfg):
+        for i in layers:
+            names += list(hf_layer_names(cfg, i).items())
+    return names
+
+
+def _hf_tensors(reader: OrbaxTreeReader, cfg: ModelConfig, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    yield from top_to_hf(_LazyTree(reader, (), None), cfg, dtype)
+    for key, layers in stacked_groups(cfg):
+        for j, i in enumerate(layers):
+            yield from layer_to_hf(_LazyTree(reader, (key,), j), cfg, i, dtype)
+
+
+def _shard_files(layout: list[tuple[str, tuple]], itemsize: int, max_bytes: int) -> list[list[tuple[str, tuple]]]:
+    files: list[list] = [[]]
+    size = 0
+    for name, shape in layout:
+        nbytes = int(np.prod(shape)) * itemsize
+        if files[-1] and size + nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append((name, shape))
+        size += nbytes
+    return files
+
+
+def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, dtype=None, force: bool = False,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
+    """Converted Orbax directory → HF safetensors directory loadable by transformers' from_pretrained.
+
+    `dtype` None keeps the stored dtype (the embedding's). Files above `max_shard_bytes` are split, with
+    a model.safetensors.index.json. Returns {"bytes_written", "files", "dtype"}.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    cfg, reader = _open_converted(ckpt_dir)
+    dt = resolve_dtype(dtype) if dtype is not None else np.dtype(reader.array(("embed",)).dtype.numpy_dtype)
+    layout = _hf_layout(cfg)
+    groups = _shard_files(layout, dt.itemsize, max_shard_bytes)
+    fnames = (["model.safetensors"] if len(groups) == 1 else
+              [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))])
+    total = sum(int(np.prod(shape)) * dt.itemsize for _, shape in layout)
+    tensors = _hf_tensors(reader, cfg, dt)
+    with staged_output(hf_dir, force, ckpt_dir) as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
+        def get(name: str) -> np.ndarray:
+            got, arr = next(tensors)
+            assert got == name, (got, name)  # layout and generator walk the same tables in the same order
+            bar.update(arr.nbytes)
+            return arr
+
+        for fname, group in zip(fnames, groups):
+            write_safetensors(tmp / fname, [(n, dt, s) for n, s in group], get)
+        if len(fnames) > 1:
+            weight_map = {n: fname for fname, group in zip(fnames, groups) for n, _ in group}
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+        _write_hf_config(cfg, dt, tmp / HF_CONFIG_FILE)
+        _copy_side_files(ckpt_dir, tmp)
+    return {"bytes_written": total, "files": fnames, "dtype": dt.name}
+
+
+def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, rules=None, shardings=None,
+                    **config_overrides) -> DeepseekV2:
+    """A model from a converted Orbax directory or an HF directory (detected by `params/_METADATA`).
+
+    With `shardings` (a pure dict of jax.sharding.Sharding shaped like the parameter tree) or `mesh` + `rules`
+    (see orbax_io.shardings_for; no rules = replicated), parameters land directly in those shardings: from
+    an Orbax directory each device reads only its own shard.
+    """
+    dtype = resolve_dtype(dtype)
+    path = Path(path)
+    if not is_orbax_dir(path):
+        model = load_hf(path, dtype, **config_overrides)
+        if shardings is None and mesh is None:
+            return model
+        import jax
+
+        graphdef, state = nnx.split(model)
+        if shardings is None:
+            shardings = shardings_for(state, mesh, rules or {})
+        state.replace_by_pure_dict(jax.device_put(nnx.to_pure_dict(state), shardings))
+        return nnx.merge(graphdef, state)
+    cfg = ModelConfig.from_json(path / MODEL_CONFIG_FILE).replace(**config_overrides)
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    if shardings is None and mesh is not None:
+        shardings = shardings_for(state, mesh, rules or {})
+    state.replace_by_pure_dict(restore_tree(path / PARAMS_DIR, abstract_targets(state, shardings)))
+    return nnx.merge(graphdef, state)
+
