@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.mla import causal_segment_mask
 from dsv2_jax.model import DeepseekV2, scan_layers
 from dsv2_jax.rope import rope_tables
 
@@ -21,21 +20,18 @@ from dsv2_jax.rope import rope_tables
 def prefill(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray, lengths: jnp.ndarray):
     """tokens [B, T] right-padded, lengths [B] (1..T) → (logits [B, V] at each row's last prompt token, cache).
 
-    The cache (max_len >= T) is overwritten from position 0 and its lengths set to `lengths`.
+    The prompt takes the training path's attention (expanded, or the flash kernel); the cache (max_len >= T) is
+    overwritten from position 0 and its lengths set to `lengths`.
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(model.config, positions)
-    mask = causal_segment_mask(None, b, t)
     token_mask = positions < lengths[:, None]
 
     def step(layer, x, _):
-        attn, xn = layer.attn, layer.attn_norm(x)
-        q_nope, q_rope = attn.queries(xn, cos, sin)
-        ckv, k_rope = attn.latents(xn, cos, sin)
-        h = x + attn.output(attn.attend_expanded(q_nope, q_rope, ckv, k_rope, mask))
-        h, _ = layer.feed_forward(h, token_mask)
-        return h, (ckv, k_rope)
+        a, latents = layer.attn.attend_sequence(layer.attn_norm(x), cos, sin)
+        h, _ = layer.feed_forward(x + a, token_mask)
+        return h, latents
 
     h = model.embed_tokens(tokens)
     ckvs, kropes = [], []

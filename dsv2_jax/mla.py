@@ -135,16 +135,20 @@ class MLA(nnx.Module):
         return kernels_pallas.flash_mla_attention(q, k, v, scale=self.cfg.softmax_scale, segment_ids=segment_ids,
                                                   causal=True, backend=backend)
 
-    def __call__(self, x, cos, sin, segment_ids=None, absorbed: bool = False) -> jnp.ndarray:
-        """Causal self-attention over the whole (optionally packed) sequence x [B,T,D]."""
+    def attend_sequence(self, x, cos, sin, segment_ids=None, absorbed: bool = False):
+        """Causal self-attention over x [B,T,D] (optionally packed): (out [B,T,D], (ckv, k_rope) to cache)."""
         q_nope, q_rope = self.queries(x, cos, sin)
         ckv, k_rope = self.latents(x, cos, sin)
         backend = pallas_backend(self.cfg)
         if backend is not None and not absorbed:
-            return self.output(self.attend_flash(q_nope, q_rope, ckv, k_rope, segment_ids, backend))
-        mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
-        attend = self.attend_absorbed if absorbed else self.attend_expanded
-        return self.output(attend(q_nope, q_rope, ckv, k_rope, mask))
+            o = self.attend_flash(q_nope, q_rope, ckv, k_rope, segment_ids, backend)
+        else:
+            mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
+            o = (self.attend_absorbed if absorbed else self.attend_expanded)(q_nope, q_rope, ckv, k_rope, mask)
+        return self.output(o), (ckv, k_rope)
+
+    def __call__(self, x, cos, sin, segment_ids=None, absorbed: bool = False) -> jnp.ndarray:
+        return self.attend_sequence(x, cos, sin, segment_ids, absorbed)[0]
 
     def decode(self, x, cos, sin, cache_ckv, cache_krope, lengths):
         """One new token per sequence with weight absorption over the latent cache.
