@@ -45,18 +45,22 @@ def prefill(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray, lengths:
 
 
 def decode_step(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray):
-    """tokens [B] at positions cache.lengths → (logits [B, V], cache with the tokens appended)."""
+    """tokens [B] at positions cache.lengths → (logits [B, V], cache with the tokens appended).
+
+    The cache rides in the scan carry with the layer index as the scanned input, so each layer writes its new
+    token in place and reads its slice where it lies: no per-step copy of the cache.
+    """
     lengths = cache.lengths
     cos, sin = rope_tables(model.config, lengths[:, None])
 
-    def step(layer, x, kv):
-        x, ckv, krope = layer.decode(x, cos, sin, kv[0], kv[1], lengths)
-        return x, (ckv, krope)
+    def step(layer, carry, i):
+        x, ckv, krope = carry
+        return layer.decode(x, cos, sin, ckv, krope, i, lengths), None
 
     h = model.embed_tokens(tokens[:, None])
     ckvs, kropes = [], []
     for (layers, _), ckv_g, krope_g in zip(model.layer_groups(), cache.ckv, cache.krope):
-        h, (ckv, krope) = scan_layers(layers, h, step, xs=(ckv_g, krope_g))
+        (h, ckv, krope), _ = scan_layers(layers, (h, ckv_g, krope_g), step, xs=jnp.arange(ckv_g.shape[0]))
         ckvs.append(ckv)
         kropes.append(krope)
     logits = model.logits(h)[:, 0]

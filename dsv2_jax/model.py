@@ -45,9 +45,10 @@ class DecoderLayer(nnx.Module):
         h = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
         return self.feed_forward(h, token_mask, experts_fn)
 
-    def decode(self, x, cos, sin, cache_ckv, cache_krope, lengths, experts_fn=None):
+    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths, experts_fn=None):
         """One cached decode step of this layer (see MLA.decode): returns (h, cache_ckv, cache_krope)."""
-        a, cache_ckv, cache_krope = self.attn.decode(self.attn_norm(x), cos, sin, cache_ckv, cache_krope, lengths)
+        a, cache_ckv, cache_krope = self.attn.decode(self.attn_norm(x), cos, sin, cache_ckv, cache_krope, layer,
+                                                     lengths)
         h, _ = self.feed_forward(x + a, None, experts_fn)
         return h, cache_ckv, cache_krope
 
