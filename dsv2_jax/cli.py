@@ -14,6 +14,7 @@ from dsv2_jax.safetensors_io import CheckpointError
 
 SUBCOMMAND_MODULES = [
     "dsv2_jax.commands.info",
+    "dsv2_jax.commands.train",
 ]
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError)
 

@@ -69,15 +69,16 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
 
     dataset: any grain dataset yielding the batch dicts of dsv2_jax.data (default: built from tc)."""
     initialize_distributed(tc.distributed)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(tc.mesh)
     cfg = tc.model_config()
     if tc.global_batch % batch_divisor(mesh):
         raise ValueError(f"global_batch {tc.global_batch} is not divisible by the mesh's batch-parallel size "
                          f"{batch_divisor(mesh)} (data × fsdp × expert)")
-    trainer = Trainer(tc, mesh, cfg)
+    # Everything a user can get wrong (config, mesh, data paths) fails before the workdir is touched.
     iterator = iter(dataset if dataset is not None else make_dataset(tc, cfg))
+    trainer = Trainer(tc, mesh, cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = RunCheckpoints(workdir, tc.keep_checkpoints)
     start = checkpoints.latest_step() or 0
     if start:

@@ -15,7 +15,7 @@ TEST_MODEL = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, moe
                   v_head_dim=8)
 
 
-def test_config(**kw) -> TrainConfig:
+def make_test_config(**kw) -> TrainConfig:
     base = dict(model="tiny", model_overrides=TEST_MODEL, seq_len=16, global_batch=8, steps=8, lr=3e-3,
                 warmup_steps=2, compute_dtype="float32", checkpoint_every=4, log_every=1)
     base.update(kw)
