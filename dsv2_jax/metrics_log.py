@@ -19,8 +19,12 @@ def _summary_writer(logdir: Path):
 
 
 class MetricsLog:
-    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
+        """enabled=False (processes other than 0 of a multi-host run) writes nothing."""
         self.path = Path(workdir) / "metrics.jsonl"
+        self.file = self.tb = None
+        if not enabled:
+            return
         if self.path.exists():
             # Steps after the checkpoint we resume from are recomputed: drop their old lines.
             lines = [ln for ln in self.path.read_text().splitlines()
@@ -32,6 +36,8 @@ class MetricsLog:
         self.tb = _summary_writer(Path(workdir) / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -40,7 +46,8 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

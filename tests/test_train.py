@@ -147,11 +147,22 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def _missing(p):
+    return p / "does-not-exist"
+
+
+def _empty_dir(p):
+    (p / "empty").mkdir()
+    return p / "empty"
+
+
+def _blank_file(p):
+    (p / "blank.txt").write_text("")
+    return p / "blank.txt"
+
+
 @pytest.mark.parametrize("make_source, message", [
-    (lambda p: p / "does-not-exist", "does not exist"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", "no usable files"),
-    (lambda p: (p / "blank.txt").write_text("") and None or p / "blank.txt", "empty corpus"),
-])
+    (_missing, "does not exist"), (_empty_dir, "no usable files"), (_blank_file, "empty corpus")])
 def test_cli_bad_data_paths_fail_clearly(tmp_path, capsys, make_source, message):
     pytest.importorskip("dsv2_jax.data")
     source = make_source(tmp_path)
