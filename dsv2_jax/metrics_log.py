@@ -3,6 +3,7 @@ SummaryWriter is installed (tensorboardX or torch.utils.tensorboard; optional)."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 
 
 def _summary_writer(logdir: Path):
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
-        try:
-            return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(logdir))
-        except ImportError:
-            continue
-    return None
+    # find_spec first: importing torch just to learn TensorBoard is missing would cost seconds per run.
+    if importlib.util.find_spec("tensorboardX"):
+        from tensorboardX import SummaryWriter
+    elif importlib.util.find_spec("tensorboard") and importlib.util.find_spec("torch"):
+        from torch.utils.tensorboard import SummaryWriter
+    else:
+        return None
+    return SummaryWriter(str(logdir))
 
 
 class MetricsLog:
