@@ -180,11 +180,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown config field(s) {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source, "config")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:
@@ -216,6 +212,14 @@ class ModelConfig:
                 raise ConfigError(f"{p}: config.json not found")
             d, source = _read_json(p), str(p)
         return cls(**_hf_fields(d, source), **overrides)
+
+
+def dataclass_from_dict(cls, d: dict[str, Any], source: str, what: str):
+    """cls(**d), refusing unknown keys with one line naming them (typos must not be silently ignored)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{source}: unknown {what} field(s) {unknown}")
+    return cls(**d)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

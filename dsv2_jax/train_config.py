@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dsv2_jax.config import ConfigError, ModelConfig
+from dsv2_jax.config import ConfigError, ModelConfig, dataclass_from_dict
 
 REMAT_CHOICES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -87,11 +87,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "train config") -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown train config field(s) {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source, "train config")
 
     @classmethod
     def load(cls, spec: str) -> TrainConfig:
