@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "dsv2_jax.commands.info",
     "dsv2_jax.commands.convert",
     "dsv2_jax.commands.generate",
+    "dsv2_jax.commands.train",
 ]
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError)
 

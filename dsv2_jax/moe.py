@@ -48,15 +48,18 @@ class RouterStats(NamedTuple):
     counts: jnp.ndarray     # [B, E] number of (token, slot) assignments to each expert
     prob_sum: jnp.ndarray   # [B, E] Σ_t s_{i,t}
     num_tokens: jnp.ndarray  # [B] valid tokens
+    group_tokens: jnp.ndarray  # [B, n_group] tokens with at least one expert in the group (device)
 
 
-def router_stats(r: Routing, batch: int, token_mask: jnp.ndarray | None) -> RouterStats:
+def router_stats(r: Routing, batch: int, token_mask: jnp.ndarray | None, n_group: int = 1) -> RouterStats:
     n, e = r.scores.shape
     valid = jnp.ones((n,), jnp.float32) if token_mask is None else token_mask.reshape(n).astype(jnp.float32)
     onehot = jax.nn.one_hot(r.experts, e, dtype=jnp.float32).sum(axis=1) * valid[:, None]
+    in_group = (onehot.reshape(n, n_group, e // n_group).sum(-1) > 0).astype(jnp.float32)
     return RouterStats(onehot.reshape(batch, -1, e).sum(1),
                        (r.scores * valid[:, None]).reshape(batch, -1, e).sum(1),
-                       valid.reshape(batch, -1).sum(1))
+                       valid.reshape(batch, -1).sum(1),
+                       in_group.reshape(batch, -1, n_group).sum(1))
 
 
 def experts_reference(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
@@ -103,4 +106,4 @@ class MoE(nnx.Module):
         y = fn(flat, r, self.w_gate[...], self.w_up[...], self.w_down[...]).reshape(b, t, d)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y, router_stats(r, b, token_mask)
+        return y, router_stats(r, b, token_mask, self.cfg.n_group)

@@ -1,0 +1,41 @@
+"""`dsv2 train --config FILE_OR_PRESET --workdir DIR`: train (or resume) a model; metrics in DIR/metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from dsv2_jax.train_config import TrainConfig
+
+
+def run(args) -> int:
+    from dsv2_jax.train import TrainingDiverged, train
+
+    tc = TrainConfig.load(args.config).with_overrides(args.set)
+    direct = {"steps": args.steps, "mesh": args.mesh, "data": tuple(args.data) if args.data else None,
+              "distributed": True if args.distributed else None}
+    tc = tc.replace(**{k: v for k, v in direct.items() if v is not None})
+    try:
+        summary = train(tc, args.workdir, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"dsv2 train: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train or resume a model (sharded, checkpointed)")
+    p.add_argument("--config", required=True,
+                   help="train config JSON (e.g. configs/train-tiny.json), or a model preset / model config JSON")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and train_config.json go here; "
+                                                    "an existing run there is resumed")
+    p.add_argument("--steps", type=int, help="total steps (the LR schedule spans them)")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (axes: data, fsdp, expert, tensor)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a train config field, or a model field as model.FIELD=VALUE (repeatable)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text/JSONL/ArrayRecord files or directories "
+                                                             "(default: the Python standard library sources)")
+    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

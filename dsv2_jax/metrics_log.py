@@ -1,0 +1,50 @@
+"""Per-step training metrics: one JSON object per line in WORKDIR/metrics.jsonl, mirrored to TensorBoard when a
+SummaryWriter is installed (tensorboardX or torch.utils.tensorboard; optional)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _summary_writer(logdir: Path):
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(logdir))
+        except ImportError:
+            continue
+    return None
+
+
+class MetricsLog:
+    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        if self.path.exists():
+            # Steps after the checkpoint we resume from are recomputed: drop their old lines.
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        self.tb = _summary_writer(Path(workdir) / "tensorboard") if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

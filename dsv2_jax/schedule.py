@@ -1,0 +1,27 @@
+"""The paper's optimiser: AdamW(β1, β2, weight decay) after global-norm clipping, with linear warmup followed by a
+step decay (LR × decay_factor at each fraction of the run in `decay_at`; V2: ×0.316 at 60% and 90%)."""
+
+from __future__ import annotations
+
+import optax
+
+from dsv2_jax.train_config import TrainConfig
+
+
+def learning_rate(tc: TrainConfig) -> optax.Schedule:
+    def step_decay(offset: int) -> optax.Schedule:
+        # join_schedules restarts the count at the boundary, so decay points shift by the warmup length.
+        return optax.piecewise_constant_schedule(
+            tc.lr, {max(int(p * tc.steps) - offset, 1): tc.decay_factor for p in tc.decay_at})
+
+    if tc.warmup_steps == 0:
+        return step_decay(0)
+    warmup = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+    return optax.join_schedules([warmup, step_decay(tc.warmup_steps)], [tc.warmup_steps])
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(learning_rate(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+    )

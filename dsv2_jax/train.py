@@ -1,0 +1,128 @@
+"""The training loop: data → sharded jitted step → metrics JSONL → async Orbax checkpoints, resumable exactly.
+
+    summary = train(TrainConfig.load("configs/train-tiny.json"), "runs/tiny")
+
+A run resumes from the newest checkpoint in WORKDIR/checkpoints (train state + data iterator position), so
+"N steps, kill -9, rerun" reproduces the uninterrupted run's losses bit for bit on CPU. A non-finite loss stops
+the run with TrainingDiverged; the state that produced it is never checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dsv2_jax.checkpointing import RunCheckpoints
+from dsv2_jax.config import ModelConfig
+from dsv2_jax.flops import peak_flops, train_flops_per_token
+from dsv2_jax.metrics_log import MetricsLog
+from dsv2_jax.sharding import batch_divisor, initialize_distributed, make_mesh, shard_batch
+from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.train_state import BATCH_KEYS, Trainer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def make_dataset(tc: TrainConfig, cfg: ModelConfig):
+    """The grain pipeline of dsv2_jax.data over tc.data (default: the embedded stdlib corpus)."""
+    from dsv2_jax.data import make_dataset as grain_dataset
+    from dsv2_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tc.tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's vocab_size "
+                         f"({cfg.vocab_size})")
+    return grain_dataset(list(tc.data) or None, tokenizer, tc.seq_len, tc.global_batch, tc.seed)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _record(step: int, metrics: dict, step_time: float, tokens: int, flops_per_token: float, peak) -> dict:
+    out: dict[str, Any] = {"step": step}
+    for k, v in metrics.items():
+        if k == "expert_load":
+            out[k] = np.round(np.asarray(v), 4).tolist()
+        else:
+            out[k] = float(v)
+    out["step_time_s"] = step_time
+    out["tokens_per_s"] = tokens / step_time
+    out["mfu"] = None if peak is None else out["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
+    return out
+
+
+def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool = True) -> dict[str, Any]:
+    """Trains (or resumes) up to tc.steps; returns a summary (first/last loss, tokens/s, last checkpoint).
+
+    dataset: any grain dataset yielding the batch dicts of dsv2_jax.data (default: built from tc)."""
+    initialize_distributed(tc.distributed)
+    mesh = make_mesh(tc.mesh)
+    cfg = tc.model_config()
+    if tc.global_batch % batch_divisor(mesh):
+        raise ValueError(f"global_batch {tc.global_batch} is not divisible by the mesh's batch-parallel size "
+                         f"{batch_divisor(mesh)} (data × fsdp × expert)")
+    # Everything a user can get wrong (config, mesh, data paths) fails before the workdir is touched.
+    iterator = iter(dataset if dataset is not None else make_dataset(tc, cfg))
+    trainer = Trainer(tc, mesh, cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = RunCheckpoints(workdir, tc.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        state = checkpoints.restore(start, trainer.restore_target(), iterator)
+    else:
+        state = trainer.init_state(tc.seed)
+    if jax.process_index() == 0:
+        _write_json(workdir / "train_config.json", tc.to_dict())
+    log = MetricsLog(workdir, resume_step=start)
+    flops_per_token = train_flops_per_token(cfg, tc.seq_len)
+    peak = peak_flops(jax.devices()[0])
+    tokens = tc.global_batch * tc.seq_len
+    losses, speeds, last_saved = [], [], start or None
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    try:
+        tick = time.perf_counter()
+        for step in range(start + 1, tc.steps + 1):
+            batch = next(iterator)
+            state, metrics = trainer.step(state, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh))
+            loss = float(metrics["loss"])  # waits for the step
+            now = time.perf_counter()
+            if not math.isfinite(loss):
+                checkpoints.wait()
+                raise TrainingDiverged(
+                    f"non-finite loss ({loss}) at step {step}; stopping. Last good checkpoint: "
+                    + (f"step {last_saved} in {checkpoints.directory}" if last_saved else "none"))
+            record = _record(step, jax.device_get(metrics), now - tick, tokens, flops_per_token, peak)
+            tick = now
+            losses.append(loss)
+            if step > start + 1:  # the first step of a process includes compilation
+                speeds.append(record["tokens_per_s"])
+            if step % tc.log_every == 0 or step == tc.steps:
+                log.write(record)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                checkpoints.save(step, state, iterator)
+                last_saved = step
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        checkpoints.wait()
+    finally:
+        bar.close()
+        log.close()
+        checkpoints.close()
+    return {"start_step": start, "steps": tc.steps, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "last_checkpoint": last_saved, "workdir": str(workdir)}

@@ -1,0 +1,135 @@
+"""TrainConfig: everything a training run needs besides the model architecture, loadable from JSON.
+
+`--set key=value` overrides any field; `--set model.FIELD=value` overrides a ModelConfig field of the model
+(values parse as JSON where possible: 3e-4, true, null, [0.6, 0.9]; otherwise they stay strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dsv2_jax.config import ConfigError, ModelConfig
+
+REMAT_CHOICES = ("none", "full", "dots")
+COMPUTE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "tiny"                 # preset name or ModelConfig JSON file
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    data: tuple = ()                    # files / directories; empty = the embedded default corpus (stdlib .py)
+    tokenizer: str | None = None        # tokenizer.json or HF dir; None = byte tokenizer
+    seq_len: int = 256
+    global_batch: int = 8
+    steps: int = 1000
+    # Optimiser and schedule (paper: AdamW 0.9/0.95, wd 0.1, clip 1.0, warmup then ×0.316 at 60% and 90%).
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay_at: tuple = (0.6, 0.9)
+    decay_factor: float = 0.316
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    # Parallelism and numerics.
+    mesh: str = ""                      # e.g. "data=2,expert=4"; empty = one device
+    distributed: bool = False           # jax.distributed.initialize() (multi-host)
+    compute_dtype: str = "bfloat16"     # params stay fp32 (master); cast inside the step
+    remat: str = "none"
+    moe_dispatch: str = "dropless"      # expert-parallel mode: dropless | capacity
+    capacity_factor: float = 1.0
+    seed: int = 0
+    # Bookkeeping.
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ConfigError(f"train config field '{field}': {msg}")
+
+        for f in ("seq_len", "global_batch", "steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                fail(f, f"must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            fail("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            fail("lr", f"must be a positive number, got {self.lr!r}")
+        if self.remat not in REMAT_CHOICES:
+            fail("remat", f"must be one of {REMAT_CHOICES}, got {self.remat!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            fail("compute_dtype", f"must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.moe_dispatch not in ("dropless", "capacity"):
+            fail("moe_dispatch", f"must be 'dropless' or 'capacity', got {self.moe_dispatch!r}")
+        if not all(0 < p <= 1 for p in self.decay_at):
+            fail("decay_at", f"fractions of the run in (0, 1], got {self.decay_at!r}")
+        object.__setattr__(self, "data", tuple(self.data))
+        object.__setattr__(self, "decay_at", tuple(self.decay_at))
+
+    def model_config(self) -> ModelConfig:
+        p = Path(self.model)
+        base = ModelConfig.from_json(p) if p.suffix == ".json" else ModelConfig.preset(self.model)
+        try:
+            return base.replace(**self.model_overrides)
+        except TypeError as e:
+            raise ConfigError(f"model_overrides: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> TrainConfig:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "train config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown train config field(s) {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, spec: str) -> TrainConfig:
+        """A TrainConfig JSON file, or a model preset / ModelConfig JSON (train with defaults)."""
+        p = Path(spec)
+        if p.suffix == ".json":
+            if not p.is_file():
+                raise ConfigError(f"{p}: file not found")
+            try:
+                d = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}: invalid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{p}: expected a JSON object")
+            if "vocab_size" in d:  # a model config, not a train config
+                return cls(model=str(p))
+            return cls.from_dict(d, source=str(p))
+        ModelConfig.preset(spec)  # fail early on unknown names
+        return cls(model=spec)
+
+    def with_overrides(self, items: list[str]) -> TrainConfig:
+        """Applies `key=value` strings (see module docstring)."""
+        d = self.to_dict()
+        model = dict(d["model_overrides"])
+        fields = {f.name for f in dataclasses.fields(self)}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if key.startswith("model."):
+                model[key[len("model."):]] = value
+            elif key in fields:
+                d[key] = value
+            else:
+                raise ConfigError(f"--set {item!r}: unknown train config field {key!r}")
+        d["model_overrides"] = model
+        return TrainConfig.from_dict(d)

@@ -1,0 +1,162 @@
+"""Training: schedule, FLOP count, sharded step == single device, exact resume after kill -9, NaN stop, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dsv2_jax import cli
+from dsv2_jax.config import ConfigError, ModelConfig
+from dsv2_jax.flops import forward_flops_per_token, train_flops_per_token
+from dsv2_jax.metrics_log import read_metrics
+from dsv2_jax.schedule import learning_rate
+from dsv2_jax.sharding import make_mesh, shard_batch
+from dsv2_jax.train import TrainingDiverged, train
+from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.train_state import Trainer
+from tests.train_fixtures import make_batch, synthetic_dataset, make_test_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schedule_warmup_then_step_decay():
+    lr = learning_rate(TrainConfig(lr=1.0, warmup_steps=10, steps=100))
+    got = [float(lr(s)) for s in (0, 5, 10, 59, 60, 89, 90, 99)]
+    np.testing.assert_allclose(got, [0, 0.5, 1, 1, 0.316, 0.316, 0.316**2, 0.316**2], rtol=1e-6)
+
+
+def test_flop_count_matches_hand_count():
+    # tiny: D 64, H 4, q_lora 48, kv_lora 32, rope 8, nope 16, v 16, dense 160, 8 experts × 32 top-2, 1 shared,
+    # vocab 512, 4 layers (1 dense + 3 MoE), seq 256 → 128 keys per query on average.
+    attn = (2 * 64 * 48 + 2 * 48 * 4 * 24) + (2 * 64 * 40 + 2 * 32 * 4 * 32) + 2 * 4 * 16 * 64 \
+        + 2 * 4 * 24 * 128 + 2 * 4 * 16 * 128
+    assert attn == 77824
+    dense, moe, head = 6 * 64 * 160, 2 * 64 * 8 + 2 * 6 * 64 * 32 + 6 * 64 * 32, 2 * 64 * 512
+    cfg = ModelConfig.preset("tiny")
+    assert forward_flops_per_token(cfg, 256) == 4 * attn + dense + 3 * moe + head == 551936
+    assert train_flops_per_token(cfg, 256) == 3 * 551936
+
+
+def test_train_config_overrides_and_errors():
+    tc = TrainConfig.load(str(ROOT / "configs/train-tiny.json")).with_overrides(
+        ["lr=1e-4", "model.num_hidden_layers=2", "mesh=data=2"])
+    assert tc.lr == 1e-4 and tc.mesh == "data=2" and tc.model_config().num_hidden_layers == 2
+    with pytest.raises(ConfigError, match="unknown train config field 'bogus'"):
+        tc.with_overrides(["bogus=1"])
+    with pytest.raises(ConfigError, match="remat"):
+        tc.with_overrides(["remat=sometimes"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        TrainConfig.load("nope")
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    tc = make_test_config()
+    trainer = Trainer(tc, make_mesh(""))
+    state = trainer.init_state(tc.seed)
+    initial = jax.device_get(state)
+    losses = []
+    for i in range(2):
+        state, m = trainer.step(state, make_batch(i, 8, 16))
+        losses.append(float(m["loss"]))
+    return tc, initial, losses, jax.device_get(state["params"])
+
+
+@pytest.mark.parametrize("spec", ["data=2,expert=4", "fsdp=2,tensor=2,expert=2"])
+def test_sharded_train_step_matches_single_device(single_device_run, spec):
+    tc, initial, want_losses, want_params = single_device_run
+    mesh = make_mesh(spec)
+    trainer = Trainer(tc.replace(mesh=spec), mesh)
+    state = jax.device_put(initial, trainer.state_shardings)
+    losses = []
+    for i in range(2):
+        state, m = trainer.step(state, shard_batch(make_batch(i, 8, 16), mesh))
+        losses.append(float(m["loss"]))
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    spec_of = trainer.state_shardings["params"]["moe_layers"]["mlp"]["w_gate"].get_value().spec
+    assert "expert" in spec_of  # the experts really are split
+
+
+RUN_SCRIPT = """
+import sys
+from tests.train_fixtures import synthetic_dataset, make_test_config
+from dsv2_jax.train import train
+stall = None if sys.argv[2] == "none" else int(sys.argv[2])
+train(make_test_config(steps=8, checkpoint_every=4), sys.argv[1], dataset=synthetic_dataset(8, 16, stall_at=stall),
+      progress=False)
+"""
+
+
+def _run(workdir, stall, env, wait=True):
+    args = [sys.executable, "-c", RUN_SCRIPT, str(workdir), str(stall)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode()[-3000:]
+    return proc
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), PYTHONPATH=str(ROOT),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")
+    _run(tmp_path / "straight", "none", env)
+    # Steps 1-5 run, checkpoint 4 is written, then the run blocks fetching batch 5 (step 6) and is killed.
+    proc = _run(tmp_path / "killed", 5, env, wait=False)
+    deadline = time.time() + 240
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while not (metrics.exists() and '"step": 5' in metrics.read_text()
+               and (tmp_path / "killed" / "checkpoints" / "4").is_dir()):
+        assert proc.poll() is None and time.time() < deadline, "run ended or hung before step 5"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _run(tmp_path / "killed", "none", env)
+    straight = [m["loss"] for m in read_metrics(tmp_path / "straight")]
+    resumed = [m["loss"] for m in read_metrics(tmp_path / "killed")]
+    assert [m["step"] for m in read_metrics(tmp_path / "killed")] == list(range(1, 9))
+    assert resumed == straight  # bitwise
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tc = make_test_config(lr=1e9, warmup_steps=0, steps=8, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss .* at step (\d+); stopping\. Last good") as e:
+        train(tc, tmp_path, dataset=synthetic_dataset(8, 16), progress=False)
+    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad_step
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(tmp_path))
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--config", str(tmp_path / "missing.json"), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.json: file not found" in err
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "w"), "--set", "lr"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("make_source, message", [
+    (lambda p: p / "does-not-exist", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no usable files"),
+    (lambda p: (p / "blank.txt").write_text("") and None or p / "blank.txt", "empty corpus"),
+])
+def test_cli_bad_data_paths_fail_clearly(tmp_path, capsys, make_source, message):
+    pytest.importorskip("dsv2_jax.data")
+    source = make_source(tmp_path)
+    rc = cli.main(["train", "--config", "configs/train-tiny.json", "--workdir", str(tmp_path / "w"),
+                   "--data", str(source), "--no-progress"])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
