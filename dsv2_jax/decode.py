@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.mla import causal_segment_mask
 from dsv2_jax.model import DeepseekV2, scan_layers
 from dsv2_jax.rope import rope_tables
 
@@ -21,21 +20,18 @@ from dsv2_jax.rope import rope_tables
 def prefill(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray, lengths: jnp.ndarray):
     """tokens [B, T] right-padded, lengths [B] (1..T) → (logits [B, V] at each row's last prompt token, cache).
 
-    The cache (max_len >= T) is overwritten from position 0 and its lengths set to `lengths`.
+    The prompt takes the training path's attention (expanded, or the flash kernel); the cache (max_len >= T) is
+    overwritten from position 0 and its lengths set to `lengths`.
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(model.config, positions)
-    mask = causal_segment_mask(None, b, t)
     token_mask = positions < lengths[:, None]
 
     def step(layer, x, _):
-        attn, xn = layer.attn, layer.attn_norm(x)
-        q_nope, q_rope = attn.queries(xn, cos, sin)
-        ckv, k_rope = attn.latents(xn, cos, sin)
-        h = x + attn.output(attn.attend_expanded(q_nope, q_rope, ckv, k_rope, mask))
-        h, _ = layer.feed_forward(h, token_mask)
-        return h, (ckv, k_rope)
+        a, latents = layer.attn.attend_sequence(layer.attn_norm(x), cos, sin)
+        h, _ = layer.feed_forward(x + a, token_mask)
+        return h, latents
 
     h = model.embed_tokens(tokens)
     ckvs, kropes = [], []
@@ -49,18 +45,22 @@ def prefill(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray, lengths:
 
 
 def decode_step(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray):
-    """tokens [B] at positions cache.lengths → (logits [B, V], cache with the tokens appended)."""
+    """tokens [B] at positions cache.lengths → (logits [B, V], cache with the tokens appended).
+
+    The cache rides in the scan carry with the layer index as the scanned input, so each layer writes its new
+    token in place and reads its slice where it lies: no per-step copy of the cache.
+    """
     lengths = cache.lengths
     cos, sin = rope_tables(model.config, lengths[:, None])
 
-    def step(layer, x, kv):
-        x, ckv, krope = layer.decode(x, cos, sin, kv[0], kv[1], lengths)
-        return x, (ckv, krope)
+    def step(layer, carry, i):
+        x, ckv, krope = carry
+        return layer.decode(x, cos, sin, ckv, krope, i, lengths), None
 
     h = model.embed_tokens(tokens[:, None])
     ckvs, kropes = [], []
     for (layers, _), ckv_g, krope_g in zip(model.layer_groups(), cache.ckv, cache.krope):
-        h, (ckv, krope) = scan_layers(layers, h, step, xs=(ckv_g, krope_g))
+        (h, ckv, krope), _ = scan_layers(layers, (h, ckv_g, krope_g), step, xs=jnp.arange(ckv_g.shape[0]))
         ckvs.append(ckv)
         kropes.append(krope)
     logits = model.logits(h)[:, 0]

@@ -3,6 +3,7 @@ SummaryWriter is installed (tensorboardX or torch.utils.tensorboard; optional)."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,17 +11,23 @@ from typing import Any
 
 
 def _summary_writer(logdir: Path):
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
-        try:
-            return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(logdir))
-        except ImportError:
-            continue
-    return None
+    # find_spec first: importing torch just to learn TensorBoard is missing would cost seconds per run.
+    if importlib.util.find_spec("tensorboardX"):
+        from tensorboardX import SummaryWriter
+    elif importlib.util.find_spec("tensorboard") and importlib.util.find_spec("torch"):
+        from torch.utils.tensorboard import SummaryWriter
+    else:
+        return None
+    return SummaryWriter(str(logdir))
 
 
 class MetricsLog:
-    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
+        """enabled=False (processes other than 0 of a multi-host run) writes nothing."""
         self.path = Path(workdir) / "metrics.jsonl"
+        self.file = self.tb = None
+        if not enabled:
+            return
         if self.path.exists():
             # Steps after the checkpoint we resume from are recomputed: drop their old lines.
             lines = [ln for ln in self.path.read_text().splitlines()
@@ -32,6 +39,8 @@ class MetricsLog:
         self.tb = _summary_writer(Path(workdir) / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -40,7 +49,8 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

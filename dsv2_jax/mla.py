@@ -46,12 +46,14 @@ def pallas_backend(cfg: ModelConfig) -> str | None:
     return "interpret" if compiled == "xla" else compiled
 
 
-def latent_attention(q_lat, q_rope, ckv, krope, lengths, *, scale) -> jnp.ndarray:
-    """Absorbed single-query attention over a latent cache (pure jnp; the Pallas kernel has the same contract).
+def latent_attention(q_lat, q_rope, ckv, krope, lengths, *, scale, layer) -> jnp.ndarray:
+    """Absorbed single-query attention over one layer of a stacked latent cache (pure jnp).
 
-    q_lat [B,H,C] (W_UK already folded in), q_rope [B,H,R], ckv [B,S,C], krope [B,S,R]; row b attends to cache
-    positions < lengths[b]. Returns o_lat [B,H,C] in q_lat's dtype (W_UV is applied by the caller).
+    q_lat [B,H,C] (W_UK already folded in), q_rope [B,H,R], ckv [L,B,S,C], krope [L,B,S,R]; row b of layer
+    `layer` attends to cache positions < lengths[b]. Returns o_lat [B,H,C] in q_lat's dtype (W_UV is applied
+    by the caller). Same contract as kernels_pallas.mla_decode(..., layer=...).
     """
+    ckv, krope = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (ckv, krope))
     scores = (jnp.einsum("bhc,bsc->bhs", q_lat, ckv, preferred_element_type=jnp.float32)
               + jnp.einsum("bhr,bsr->bhs", q_rope, krope, preferred_element_type=jnp.float32))
     valid = jnp.arange(ckv.shape[1])[None, None, :] < lengths[:, None, None]
@@ -64,8 +66,8 @@ def latent_attention_impl(cfg: ModelConfig):
     backend = pallas_backend(cfg)
     if backend is None:
         return latent_attention
-    return lambda q_lat, q_rope, ckv, krope, lengths, *, scale: kernels_pallas.mla_decode(
-        q_lat, q_rope, ckv, krope, lengths, scale=scale, backend=backend)[0]
+    return lambda q_lat, q_rope, ckv, krope, lengths, *, scale, layer: kernels_pallas.mla_decode(
+        q_lat, q_rope, ckv, krope, lengths, scale=scale, layer=layer, backend=backend)[0]
 
 
 class MLA(nnx.Module):
@@ -135,30 +137,37 @@ class MLA(nnx.Module):
         return kernels_pallas.flash_mla_attention(q, k, v, scale=self.cfg.softmax_scale, segment_ids=segment_ids,
                                                   causal=True, backend=backend)
 
-    def __call__(self, x, cos, sin, segment_ids=None, absorbed: bool = False) -> jnp.ndarray:
-        """Causal self-attention over the whole (optionally packed) sequence x [B,T,D]."""
+    def attend_sequence(self, x, cos, sin, segment_ids=None, absorbed: bool = False):
+        """Causal self-attention over x [B,T,D] (optionally packed): (out [B,T,D], (ckv, k_rope) to cache)."""
         q_nope, q_rope = self.queries(x, cos, sin)
         ckv, k_rope = self.latents(x, cos, sin)
         backend = pallas_backend(self.cfg)
         if backend is not None and not absorbed:
-            return self.output(self.attend_flash(q_nope, q_rope, ckv, k_rope, segment_ids, backend))
-        mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
-        attend = self.attend_absorbed if absorbed else self.attend_expanded
-        return self.output(attend(q_nope, q_rope, ckv, k_rope, mask))
+            o = self.attend_flash(q_nope, q_rope, ckv, k_rope, segment_ids, backend)
+        else:
+            mask = causal_segment_mask(segment_ids, x.shape[0], x.shape[1])
+            o = (self.attend_absorbed if absorbed else self.attend_expanded)(q_nope, q_rope, ckv, k_rope, mask)
+        return self.output(o), (ckv, k_rope)
 
-    def decode(self, x, cos, sin, cache_ckv, cache_krope, lengths):
+    def __call__(self, x, cos, sin, segment_ids=None, absorbed: bool = False) -> jnp.ndarray:
+        return self.attend_sequence(x, cos, sin, segment_ids, absorbed)[0]
+
+    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths):
         """One new token per sequence with weight absorption over the latent cache.
 
-        x [B,1,D] at positions `lengths` (cos/sin [B,1,rope/2]); cache_ckv [B,S,C], cache_krope [B,S,R] hold
-        `lengths[b]` valid tokens. Returns (out [B,1,D], cache_ckv, cache_krope) with this token appended.
+        x [B,1,D] at positions `lengths` (cos/sin [B,1,rope/2]); cache_ckv [L,B,S,C], cache_krope [L,B,S,R] are
+        the whole layer group's cache, of which this is layer `layer`, holding `lengths[b]` valid tokens. Only
+        the new token's 576 numbers are written, in place; attention reads the layer's slice where it lies.
+        Returns (out [B,1,D], cache_ckv, cache_krope) with this token appended.
         """
         q_nope, q_rope = self.queries(x, cos, sin)
         ckv, k_rope = self.latents(x, cos, sin)
         rows = jnp.arange(x.shape[0])
-        cache_ckv = cache_ckv.at[rows, lengths].set(ckv[:, 0].astype(cache_ckv.dtype))
-        cache_krope = cache_krope.at[rows, lengths].set(k_rope[:, 0].astype(cache_krope.dtype))
+        cache_ckv = cache_ckv.at[layer, rows, lengths].set(ckv[:, 0].astype(cache_ckv.dtype))
+        cache_krope = cache_krope.at[layer, rows, lengths].set(k_rope[:, 0].astype(cache_krope.dtype))
         q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], self.w_uk[...])
         attend = latent_attention_impl(self.cfg)
-        o_lat = attend(q_lat, q_rope[:, 0], cache_ckv, cache_krope, lengths + 1, scale=self.cfg.softmax_scale)
+        o_lat = attend(q_lat, q_rope[:, 0], cache_ckv, cache_krope, lengths + 1, scale=self.cfg.softmax_scale,
+                       layer=layer)
         o = jnp.einsum("bhc,chv->bhv", o_lat, self.w_uv[...])
         return self.output(o[:, None]), cache_ckv, cache_krope

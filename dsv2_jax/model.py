@@ -45,9 +45,10 @@ class DecoderLayer(nnx.Module):
         h = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
         return self.feed_forward(h, token_mask, experts_fn)
 
-    def decode(self, x, cos, sin, cache_ckv, cache_krope, lengths, experts_fn=None):
+    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths, experts_fn=None):
         """One cached decode step of this layer (see MLA.decode): returns (h, cache_ckv, cache_krope)."""
-        a, cache_ckv, cache_krope = self.attn.decode(self.attn_norm(x), cos, sin, cache_ckv, cache_krope, lengths)
+        a, cache_ckv, cache_krope = self.attn.decode(self.attn_norm(x), cos, sin, cache_ckv, cache_krope, layer,
+                                                     lengths)
         h, _ = self.feed_forward(x + a, None, experts_fn)
         return h, cache_ckv, cache_krope
 
@@ -112,10 +113,27 @@ class DeepseekV2(nnx.Module):
         return (logits, stats) if return_aux else logits
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = INIT_STD) -> DeepseekV2:
-    """Random weights ~ normal(0, std) (HF's initializer_range), unit norm scales; deterministic in `seed`.
+def random_state(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = INIT_STD) -> nnx.State:
+    """Random parameters as a traceable function of `key`: jit it with out_shardings and every device draws only
+    its own shards (training from scratch at scale). Weights ~ normal(0, std), norm scales 1."""
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
+    keys = dict(zip((p for p, _ in leaves), jax.random.split(key, len(leaves))))
 
-    Drawn with numpy: XLA's threefry takes ~1 s per parameter shape to compile on CPU.
+    def draw(path, leaf):
+        if path[-1].key == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return (std * jax.random.normal(keys[path], leaf.shape, jnp.float32)).astype(leaf.dtype)
+
+    state.replace_by_pure_dict(jax.tree.map_with_path(draw, nnx.to_pure_dict(state)))
+    return state
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = INIT_STD) -> DeepseekV2:
+    """A random model on the host, deterministic in `seed` (tests, notebooks, small experiments).
+
+    Drawn with numpy: XLA:CPU takes ~1 s per parameter shape to compile threefry (see random_state for the
+    sharded on-device init used by training).
     """
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     rng = np.random.default_rng(seed)

@@ -131,7 +131,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """Numpy [B, T] arrays → global arrays split over BATCH_AXES. Single host: B is the global batch;
     multi-host: each process passes its own slice and the global array is assembled from them."""
     sharding = batch_sharding(mesh)
-    b = next(iter(batch.values())).shape[0]
+    b = next(iter(batch.values())).shape[0] * jax.process_count()
     if b % batch_divisor(mesh):
         raise ValueError(f"global batch {b} is not divisible by the batch-parallel mesh size {batch_divisor(mesh)}")
     if jax.process_count() == 1:

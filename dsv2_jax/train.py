@@ -4,7 +4,7 @@
 
 A run resumes from the newest checkpoint in WORKDIR/checkpoints (train state + data iterator position), so
 "N steps, kill -9, rerun" reproduces the uninterrupted run's losses bit for bit on CPU. A non-finite loss stops
-the run with TrainingDiverged; the state that produced it is never checkpointed.
+the run with TrainingDiverged (so does a non-finite gradient norm); that state is never checkpointed.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
         state = trainer.init_state(tc.seed)
     if jax.process_index() == 0:
         _write_json(workdir / "train_config.json", tc.to_dict())
-    log = MetricsLog(workdir, resume_step=start)
+    log = MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
     flops_per_token = train_flops_per_token(cfg, tc.seq_len)
     peak = peak_flops(jax.devices()[0])
     tokens = tc.global_batch * tc.seq_len
@@ -98,12 +98,13 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
         for step in range(start + 1, tc.steps + 1):
             batch = next(iterator)
             state, metrics = trainer.step(state, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh))
-            loss = float(metrics["loss"])  # waits for the step
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
             now = time.perf_counter()
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 checkpoints.wait()
+                what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
                 raise TrainingDiverged(
-                    f"non-finite loss ({loss}) at step {step}; stopping. Last good checkpoint: "
+                    f"non-finite {what} at step {step}; stopping. Last good checkpoint: "
                     + (f"step {last_saved} in {checkpoints.directory}" if last_saved else "none"))
             record = _record(step, jax.device_get(metrics), now - tick, tokens, flops_per_token, peak)
             tick = now

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.expert_parallel import check_expert_mesh, make_experts_fn
 from dsv2_jax.losses import balance_loss, cross_entropy, expert_load
-from dsv2_jax.model import DeepseekV2, abstract_model
+from dsv2_jax.model import abstract_model, random_state
 from dsv2_jax.schedule import learning_rate, make_optimizer
 from dsv2_jax.sharding import batch_sharding, tree_shardings
 from dsv2_jax.train_config import TrainConfig
@@ -61,7 +61,7 @@ class Trainer:
         # XLA:CPU compiles partitionable threefry ~10x slower (30 s for the tiny model); on CPU, sharded and
         # unsharded inits still agree without it. Accelerators keep it: it generates each shard locally.
         with jax.threefry_partitionable(jax.default_backend() != "cpu"):
-            params = nnx.state(DeepseekV2(self.cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed)), nnx.Param)
+            params = random_state(self.cfg, jax.random.key(seed), jnp.float32)
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     def restore_target(self) -> Any:

@@ -30,6 +30,7 @@ def _scores(q_lat, q_rope, ckv, krope, scale):
 
 def _decode_kernel(
     len_ref,
+    layer_ref,
     q_lat_ref,
     q_rope_ref,
     ckv_ref,
@@ -85,28 +86,28 @@ def combine_splits(o_part, lse_part, dtype):
     return o.astype(dtype), lse
 
 
-def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_splits, interpret):
+def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits, interpret):
     b, h, c = q_lat.shape
-    t, r = ckv.shape[1], krope.shape[2]
+    t, r = ckv.shape[2], krope.shape[3]
     n_blocks = pl.cdiv(t, block_t)
     bps = pl.cdiv(n_blocks, num_splits)
 
-    def kv_map(bi, si, ji, len_ref):
+    def kv_map(bi, si, ji, len_ref, layer_ref):
         # Clamp to the last block holding valid entries: repeated indices are not
         # re-fetched by the TPU pipeline, so no bandwidth is spent past the length.
         last = jnp.maximum(pl.cdiv(len_ref[bi], block_t) - 1, 0)
-        return bi, jnp.minimum(si * bps + ji, last), 0
+        return layer_ref[0], bi, jnp.minimum(si * bps + ji, last), 0
 
-    q_map = lambda bi, si, ji, len_ref: (bi, 0, 0)
-    out_map = lambda bi, si, ji, len_ref: (bi, si, 0, 0)
+    q_map = lambda bi, si, ji, len_ref, layer_ref: (bi, 0, 0)
+    out_map = lambda bi, si, ji, len_ref, layer_ref: (bi, si, 0, 0)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, num_splits, bps),
         in_specs=[
             pl.BlockSpec((1, h, c), q_map),
             pl.BlockSpec((1, h, r), q_map),
-            pl.BlockSpec((1, block_t, c), kv_map),
-            pl.BlockSpec((1, block_t, r), kv_map),
+            pl.BlockSpec((None, 1, block_t, c), kv_map),  # the layer dim is squeezed away
+            pl.BlockSpec((None, 1, block_t, r), kv_map),
         ],
         out_specs=[pl.BlockSpec((1, 1, h, c), out_map), pl.BlockSpec((1, 1, h, 1), out_map)],
         scratch_shapes=[
@@ -126,7 +127,7 @@ def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_sp
         if interpret
         else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         name="mla_decode",
-    )(lengths, q_lat, q_rope, ckv, krope)
+    )(lengths, layer, q_lat, q_rope, ckv, krope)
     return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
 
 
@@ -139,11 +140,11 @@ def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_sp
 _GPU_HEADS, _GPU_SPLIT_V = 64, 2
 
 
-def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_splits):
+def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits):
     import jax.experimental.pallas.mosaic_gpu as plgpu  # Hopper-only lowering
 
     b, h, c = q_lat.shape
-    t, r = ckv.shape[1], krope.shape[2]
+    t, r = ckv.shape[2], krope.shape[3]
     hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
     q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
     q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
@@ -153,9 +154,10 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
     # 128-byte swizzled (8, 64)-tiled SMEM tiles: the operand layout WGMMA reads.
     mma = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def body(len_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem):
+    def body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem):
         hb, v = lax.axis_index("hb"), lax.axis_index("v")
         split, bi = lax.axis_index("s"), lax.axis_index("b")
+        layer_i = layer_gmem[0]
         heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
         length = len_gmem[bi]
         first = split * bps
@@ -217,7 +219,7 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
                 ],
                 max_concurrent_steps=2,
                 init_carry=init,
-            )(ckv_gmem.at[bi], ckv_gmem.at[bi], kr_gmem.at[bi])
+            )(ckv_gmem.at[layer_i, bi], ckv_gmem.at[layer_i, bi], kr_gmem.at[layer_i, bi])
 
         acc, m, l = pl.run_scoped(
             compute,
@@ -244,31 +246,38 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t, num_split
         grid=(hp // _GPU_HEADS, _GPU_SPLIT_V, num_splits, b),
         grid_names=("hb", "v", "s", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(lengths, q_lat, q_rope, ckv, krope)
+    )(lengths, layer, q_lat, q_rope, ckv, krope)
     o, lse = combine_splits(o_part, lse_part, dtype)
     return o[:, :h], lse[:, :h]
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_t", "num_splits", "backend"))
-def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None, num_splits=None, backend="auto"):
+def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, layer=None, block_t=None, num_splits=None, backend="auto"):
     """Absorbed-MLA decode attention over the latent cache.
 
     q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32
     (1 <= length <= T; entries at positions >= length are ignored).
+    With `layer` (an int32 scalar, may be traced) ckv/krope are a whole layer stack [L,B,T,C] / [L,B,T,R]
+    and the kernel reads layer `layer` in place, so a decode step scanning over layers copies no cache.
     Returns (o_lat [B,H,C] in q dtype, lse [B,H] fp32).
     block_t: cache rows per block. num_splits: T-splits (split-K); None picks
     enough to fill the device. backend: "auto" | "interpret" | "mosaic_tpu" |
     "mosaic_gpu" | "xla" (pure-JAX reference).
     """
     backend = resolve_backend(backend)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, ckv.shape[1])
-    if backend == "xla":
-        return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
+    if layer is None:
+        ckv, krope, layer = ckv[None], krope[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    t = ckv.shape[2]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
     block_t = block_t or {"mosaic_tpu": 128}.get(backend, 64)
-    if backend == "mosaic_gpu" and (q_lat.dtype not in (jnp.bfloat16, jnp.float16) or ckv.shape[1] % block_t):
+    if backend == "xla" or (
+        backend == "mosaic_gpu" and (q_lat.dtype not in (jnp.bfloat16, jnp.float16) or t % block_t)
+    ):
         # The Hopper kernel needs a 16-bit cache in whole blocks; anything else takes the XLA path.
-        return mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, scale=scale)
-    n_blocks = pl.cdiv(ckv.shape[1], block_t)
+        pick = lambda a: lax.dynamic_index_in_dim(a, layer[0], 0, keepdims=False)
+        return mla_decode_reference(q_lat, q_rope, pick(ckv), pick(krope), lengths, scale=scale)
+    n_blocks = pl.cdiv(t, block_t)
     if num_splits is None:
         # Enough (batch, split) programs to fill the chip: 132 SMs on H100/H200
         # (times head tiles / value halves), 2 TensorCores on megacore TPUs.
@@ -278,16 +287,6 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, block_t=None, num_s
             programs *= pl.cdiv(q_lat.shape[1], _GPU_HEADS) * _GPU_SPLIT_V
         num_splits = pl.cdiv(target, programs)
     num_splits = max(1, min(num_splits, n_blocks))
-    if backend == "mosaic_gpu":
-        return _decode_gpu(q_lat, q_rope, ckv, krope, lengths, scale=scale, block_t=block_t, num_splits=num_splits)
-    return _decode_pallas(
-        q_lat,
-        q_rope,
-        ckv,
-        krope,
-        lengths,
-        scale=scale,
-        block_t=block_t,
-        num_splits=num_splits,
-        interpret=backend == "interpret",
-    )
+    kernel = _decode_gpu if backend == "mosaic_gpu" else functools.partial(
+        _decode_pallas, interpret=backend == "interpret")
+    return kernel(q_lat, q_rope, ckv, krope, lengths, layer, scale=scale, block_t=block_t, num_splits=num_splits)

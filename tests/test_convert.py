@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -103,8 +104,7 @@ def test_sharded_restore_reads_into_target_shardings(converted):
 def test_bf16_round_trip_and_dtype_flag(hf_v2, tmp_path):
     hf_dir, torch_model = hf_v2
     bf16_dir = tmp_path / "hf_bf16"
-    torch_model.to(torch.bfloat16).save_pretrained(bf16_dir)
-    torch_model.float()
+    copy.deepcopy(torch_model).to(torch.bfloat16).save_pretrained(bf16_dir)  # the fixture is shared: no in-place cast
     assert cli("convert", bf16_dir, tmp_path / "ob") == 0
     assert json.loads((tmp_path / "ob" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert cli("export", tmp_path / "ob", tmp_path / "back") == 0

@@ -1,6 +1,7 @@
 """Expert-parallel dispatch in shard_map on 8 simulated CPU devices, against the single-device experts."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +73,30 @@ def test_capacity_mode_drops_exactly_the_lowest_affinity_copies(problem, spec):
                                moe.experts_ragged(x, r, *w), atol=1e-5)
 
 
-def test_ragged_all_to_all_path_traces_with_gradients(problem):
-    """ragged_all_to_all does not run on XLA:CPU; check the GPU/TPU path at least traces, forward and backward."""
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+    """jax.lax.ragged_all_to_all's documented semantics from all_gather (which XLA:CPU runs): peer i's slice
+    operand[input_offsets[me] : +send_sizes[me]] lands at output[output_offsets[me] : ...] on device me."""
+    gather = partial(jax.lax.all_gather, axis_name=axis_name)
+    ops, in_off, sizes, out_off = gather(operand), gather(input_offsets), gather(send_sizes), gather(output_offsets)
+    me = jax.lax.axis_index(axis_name)
+    rows = jnp.arange(output.shape[0])
+    for i in range(ops.shape[0]):
+        start, size = out_off[i, me], sizes[i, me]
+        src = jnp.clip(rows - start + in_off[i, me], 0, operand.shape[0] - 1)
+        inside = (rows >= start) & (rows < start + size)
+        output = jnp.where(inside.reshape((-1,) + (1,) * (output.ndim - 1)), ops[i][src], output)
+    return output
+
+
+def test_ragged_all_to_all_path_offsets_are_right(problem, monkeypatch):
+    """ragged_all_to_all does not run on XLA:CPU: the GPU/TPU path's offset bookkeeping is checked against an
+    all_gather emulation of the op, and its real form must trace forward and backward."""
     cfg, x, r, w = problem
     fn = make_experts_fn(make_mesh("data=2,expert=4"), "dropless", use_ragged_all_to_all=True)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w))))(x)
-    assert "ragged_all_to_all" in str(jaxpr)
+    assert "ragged_all_to_all" in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w))))(x))
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    np.testing.assert_allclose(jax.jit(fn)(x, r, *w), moe.experts_ragged(x, r, *w), atol=1e-5)
 
 
 def test_device_limited_routing_needs_groups_aligned_to_expert_shards():

@@ -67,3 +67,16 @@ def test_backend_selection():
     q_lat, q_rope, ckv, krope = _inputs(1, 2, 8, 4, 5, jnp.float32)
     with pytest.raises(ValueError):
         mla_decode(q_lat, q_rope, ckv, krope, jnp.array([5]), scale=1.0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["interpret", "xla"])
+def test_reads_one_layer_of_a_stacked_cache_in_place(backend):
+    """With `layer`, the kernel takes the whole [L,B,T,C] stack (as decode's layer scan carries it)."""
+    q_lat, q_rope, _, _ = _inputs(2, 4, 32, 8, 20, jnp.float32, seed=2)
+    stack = [_inputs(2, 4, 32, 8, 20, jnp.float32, seed=10 + i)[2:] for i in range(3)]
+    ckv, krope = jnp.stack([s[0] for s in stack]), jnp.stack([s[1] for s in stack])
+    lengths = jnp.array([20, 9], jnp.int32)
+    run = jax.jit(lambda i: mla_decode(q_lat, q_rope, ckv, krope, lengths, scale=0.2, layer=i, block_t=8,
+                                       backend=backend))
+    for i in range(3):
+        _check(run(jnp.int32(i)), mla_decode_reference(q_lat, q_rope, *stack[i], lengths, scale=0.2), jnp.float32)

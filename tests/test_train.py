@@ -130,7 +130,7 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tc = make_test_config(lr=1e9, warmup_steps=0, steps=8, checkpoint_every=1)
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss .* at step (\d+); stopping\. Last good") as e:
+    with pytest.raises(TrainingDiverged, match=r"non-finite (loss|gradient norm) .* at step (\d+); stopping\. Last good") as e:
         train(tc, tmp_path, dataset=synthetic_dataset(8, 16), progress=False)
     bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -147,11 +147,22 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def _missing(p):
+    return p / "does-not-exist"
+
+
+def _empty_dir(p):
+    (p / "empty").mkdir()
+    return p / "empty"
+
+
+def _blank_file(p):
+    (p / "blank.txt").write_text("")
+    return p / "blank.txt"
+
+
 @pytest.mark.parametrize("make_source, message", [
-    (lambda p: p / "does-not-exist", "does not exist"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", "no usable files"),
-    (lambda p: (p / "blank.txt").write_text("") and None or p / "blank.txt", "empty corpus"),
-])
+    (_missing, "does not exist"), (_empty_dir, "no usable files"), (_blank_file, "empty corpus")])
 def test_cli_bad_data_paths_fail_clearly(tmp_path, capsys, make_source, message):
     pytest.importorskip("dsv2_jax.data")
     source = make_source(tmp_path)
