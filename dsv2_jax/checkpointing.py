@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from grain.checkpoint import CheckpointRestore, CheckpointSave
 
@@ -40,3 +41,28 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# Where a train state's parameter p lives inside its Orbax tree (nnx.State leaves are saved as {"value": array}).
+PARAMS_PREFIX, PARAMS_SUFFIX = ("params",), ("value",)
+
+
+def latest_state_dir(workdir: str | Path) -> Path:
+    """The train-state directory of the newest finished checkpoint of a run (in-progress saves are skipped)."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no finished training checkpoint")
+    return directory / str(steps[-1]) / "state"
+
+
+def latest_params(workdir: str | Path, target: dict) -> dict:
+    """The newest checkpoint's parameters only (no optimizer state), restored into `target` (a pure dict of
+    ShapeDtypeStructs with shardings and the dtypes wanted): for decoding or exporting a training run."""
+    item = {"params": jax.tree.map(lambda s: {"value": s}, target)}  # partial_restore skips opt_state and step
+    restored = ocp.PyTreeCheckpointer().restore(
+        latest_state_dir(workdir),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                    partial_restore=True))
+    return jax.tree.map(lambda v: v["value"], restored["params"], is_leaf=lambda x: isinstance(x, dict) and "value" in x)
+

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from dsv2_jax.checkpointing import PARAMS_PREFIX, PARAMS_SUFFIX, latest_params, latest_state_dir
 from dsv2_jax.config import ModelConfig, to_hf_dict
 from dsv2_jax.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
                                     layer_entries, layer_to_hf, load_hf, resolve_dtype, stacked_groups, top_entries,
@@ -40,7 +41,11 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 def is_orbax_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / PARAMS_DIR / METADATA_FILE).is_file()
+    return (Path(path) / PARAMS_DIR / METADATA_FILE).is_file() or is_training_run(path)
+
+
+def is_training_run(path: str | os.PathLike) -> bool:
+    return (Path(path) / "checkpoints").is_dir() and (Path(path) / MODEL_CONFIG_FILE).is_file()
 
 
 def leaf_specs(cfg: ModelConfig, dtype) -> dict[tuple, LeafSpec]:
@@ -146,7 +151,8 @@ class _LazyTree:
 
 def _open_converted(ckpt_dir: Path) -> tuple[ModelConfig, OrbaxTreeReader]:
     cfg = ModelConfig.from_json(ckpt_dir / MODEL_CONFIG_FILE)
-    reader = OrbaxTreeReader(ckpt_dir / PARAMS_DIR)
+    reader = (OrbaxTreeReader(latest_state_dir(ckpt_dir), PARAMS_PREFIX, PARAMS_SUFFIX) if is_training_run(ckpt_dir)
+              else OrbaxTreeReader(ckpt_dir / PARAMS_DIR))
     expected = leaf_specs(cfg, np.float32)
     missing = sorted(set(expected) - set(reader.paths))
     if missing:
@@ -194,7 +200,7 @@ def _shard_files(layout: list[tuple[str, tuple]], itemsize: int, max_bytes: int)
 
 def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, dtype=None, force: bool = False,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
-    """Converted Orbax directory → HF safetensors directory loadable by transformers' from_pretrained.
+    """Converted Orbax directory or `dsv2 train` workdir → HF safetensors directory loadable by transformers.
 
     `dtype` None keeps the stored dtype (the embedding's). Files above `max_shard_bytes` are split, with
     a model.safetensors.index.json. Returns {"bytes_written", "files", "dtype"}.
@@ -229,7 +235,8 @@ def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, d
 
 def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, rules=None, shardings=None,
                     **config_overrides) -> DeepseekV2:
-    """A model from a converted Orbax directory or an HF directory (detected by `params/_METADATA`).
+    """A model from a converted Orbax directory (`params/_METADATA`), a `dsv2 train` workdir (`checkpoints/`,
+    newest step's parameters) or an HF directory.
 
     With `shardings` (a pure dict of jax.sharding.Sharding shaped like the parameter tree) or `mesh` + `rules`
     (see orbax_io.shardings_for; no rules = replicated), parameters land directly in those shardings: from
@@ -252,6 +259,8 @@ def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, rule
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     if shardings is None and mesh is not None:
         shardings = shardings_for(state, mesh, rules or {})
-    state.replace_by_pure_dict(restore_tree(path / PARAMS_DIR, abstract_targets(state, shardings)))
+    target = abstract_targets(state, shardings)
+    params = latest_params(path, target) if is_training_run(path) else restore_tree(path / PARAMS_DIR, target)
+    state.replace_by_pure_dict(params)
     return nnx.merge(graphdef, state)
 

@@ -102,9 +102,12 @@ class OrbaxTreeWriter:
 
 
 class OrbaxTreeReader:
-    """Reads single leaves or leading-axis slices of an Orbax pytree checkpoint (any Orbax writer's)."""
+    """Reads single leaves or leading-axis slices of an Orbax pytree checkpoint (any Orbax writer's).
 
-    def __init__(self, directory: str | Path):
+    `prefix` / `suffix` select a subtree: a training checkpoint stores parameter p as ("params", *p, "value").
+    """
+
+    def __init__(self, directory: str | Path, prefix: tuple = (), suffix: tuple = ()):
         self.directory = epath.Path(directory)
         meta_file = self.directory / METADATA_FILE
         if not meta_file.exists():
@@ -113,12 +116,17 @@ class OrbaxTreeReader:
         self._use_zarr3 = bool(meta.get("use_zarr3"))
         self._use_ocdbt = bool(meta.get("use_ocdbt"))
         self._context = ts_utils.get_ts_context(use_ocdbt=self._use_ocdbt)
-        self.paths = [tuple(k["key"] for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+        self._prefix, self._suffix = tuple(prefix), tuple(suffix)
+        stored = [tuple(k["key"] for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+        n, m = len(self._prefix), len(self._suffix)
+        self.paths = [p[n:len(p) - m] for p in stored
+                      if p[:n] == self._prefix and p[len(p) - m:] == self._suffix and len(p) > n + m]
         self._arrays: dict[tuple, ts.TensorStore] = {}
 
     def array(self, path: tuple) -> ts.TensorStore:
         if path not in self._arrays:
-            spec = ts_utils.ArrayReadSpec(self.directory.as_posix(), param_name(path), self._use_zarr3,
+            stored = (*self._prefix, *path, *self._suffix)
+            spec = ts_utils.ArrayReadSpec(self.directory.as_posix(), param_name(stored), self._use_zarr3,
                                           use_ocdbt=self._use_ocdbt)
             self._arrays[path] = ts.open(spec.json, open=True, context=self._context).result()
         return self._arrays[path]

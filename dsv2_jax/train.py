@@ -87,6 +87,7 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
         state = trainer.init_state(tc.seed)
     if jax.process_index() == 0:
         _write_json(workdir / "train_config.json", tc.to_dict())
+        cfg.to_json(workdir / "dsv2_config.json")  # lets load_model / dsv2 generate / dsv2 export read the run
     log = MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
     flops_per_token = train_flops_per_token(cfg, tc.seq_len)
     peak = peak_flops(jax.devices()[0])

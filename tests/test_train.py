@@ -171,3 +171,24 @@ def test_cli_bad_data_paths_fail_clearly(tmp_path, capsys, make_source, message)
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_training_run_loads_generates_and_exports(tmp_path):
+    """A `dsv2 train` workdir is a checkpoint: load_model, dsv2 generate and dsv2 export all read its newest step."""
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    import dsv2_jax
+
+    train(make_test_config(steps=4, checkpoint_every=4), tmp_path / "run", dataset=synthetic_dataset(8, 16),
+          progress=False)
+    model = dsv2_jax.load_model(tmp_path / "run")
+    ids = np.random.default_rng(0).integers(0, 259, (2, 12)).astype(np.int32)
+    ours = np.asarray(model(ids))
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                "--json"]) == 0
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "hf"), "--quiet"]) == 0
+    hf = DeepseekV2ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - theirs).max() < 1e-4

@@ -33,8 +33,13 @@ def run(args) -> int:
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     needs_text = args.prompt is not None or not args.json
     tokenizer = load_text_tokenizer(checkpoint) if needs_text else None
-    ids = tokenizer.encode(args.prompt) if args.prompt is not None else parse_ids(args.prompt_ids)
     model = load_model(checkpoint, args.dtype)
+    if args.prompt is not None:
+        # Documents are trained as [bos, text..., eos]: a text prompt starts the same way.
+        bos = model.config.bos_token_id
+        ids = ([bos] if bos is not None and not args.no_bos else []) + tokenizer.encode(args.prompt)
+    else:
+        ids = parse_ids(args.prompt_ids)
     eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
     eos = model.config.eos_token_id if eos is None else eos
     engine = DecodeEngine(model)
@@ -73,6 +78,7 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the model's bos token to --prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON line (ids, text, tokens/s, cache bytes)")
     p.set_defaults(func=run)
