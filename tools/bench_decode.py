@@ -77,7 +77,9 @@ def time_steps(fn, carry, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_point(model, torch_model, batch: int, context: int, new: int) -> list[dict]:
+def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
+    """Decode-step time of the absorbed latent cache vs a naive decompressed K/V cache (plus MHA-equivalent bytes),
+    `new` steps from `context` cached tokens; rows carry impl, cache_bytes, s and tokens_per_s."""
     cfg = model.config
     graphdef, state = nnx.split(model)
     max_len = 1 << (context + new).bit_length()
@@ -108,7 +110,20 @@ def bench_point(model, torch_model, batch: int, context: int, new: int) -> list[
     rows.append({"impl": "naive_decompressed_kv", "cache_bytes": naive_bytes, "s": dt})
     rows.append({"impl": "mha_equivalent", "cache_bytes": 2 * h * cfg.v_head_dim * cfg.num_hidden_layers * 2 * batch
                  * max_len, "s": None})
+    return _throughput(rows, batch, context, new)
 
+
+def _throughput(rows: list[dict], batch: int, context: int, new: int) -> list[dict]:
+    for r in rows:
+        r.update(table="throughput", batch=batch, context=context, new_tokens=new,
+                 tokens_per_s=None if r["s"] is None else round(batch * new / r["s"], 1))
+    return rows
+
+
+def bench_point(model, torch_model, batch: int, context: int, new: int) -> list[dict]:
+    cfg = model.config
+    rows = cache_throughput(model, batch, context, new)
+    rng = np.random.default_rng(0)
     # End to end (prefill + decode) against transformers' eager generate with its KV cache, same prompts.
     import torch
     prompts = rng.integers(3, cfg.vocab_size, (batch, context)).tolist()
@@ -126,11 +141,8 @@ def bench_point(model, torch_model, batch: int, context: int, new: int) -> list[
         torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, use_cache=True, pad_token_id=0)
     hf = time.perf_counter() - t0
-    rows.append({"impl": "engine_end_to_end", "cache_bytes": engine.cache_nbytes, "s": ours})
-    rows.append({"impl": "transformers_eager_generate", "cache_bytes": None, "s": hf})
-    for r in rows:
-        r.update(table="throughput", batch=batch, context=context, new_tokens=new,
-                 tokens_per_s=None if r["s"] is None else round(batch * new / r["s"], 1))
+    rows += _throughput([{"impl": "engine_end_to_end", "cache_bytes": engine.cache_nbytes, "s": ours},
+                         {"impl": "transformers_eager_generate", "cache_bytes": None, "s": hf}], batch, context, new)
     rows[-2]["speedup_vs_transformers"] = round(hf / ours, 2)
     return rows
 
