@@ -62,8 +62,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)
 
-    p = sub.add_parser("export", help="converted Orbax checkpoint → HF safetensors directory")
-    p.add_argument("ckpt_dir", help="directory written by `dsv2 convert`")
+    p = sub.add_parser("export", help="converted Orbax checkpoint or training run → HF safetensors directory")
+    p.add_argument("ckpt_dir", help="directory written by `dsv2 convert`, or a `dsv2 train` workdir (newest step)")
     p.add_argument("hf_dir", help="output HF directory")
     p.add_argument("--dtype", choices=dtypes, help="exported dtype (default: the stored one)")
     p.add_argument("--max-shard-size", default="5GB", help="split safetensors files above this size (default 5GB)")

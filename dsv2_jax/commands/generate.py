@@ -69,7 +69,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint with the latent KV cache")
-    p.add_argument("--checkpoint", required=True, help="HF-format DeepSeek-V2 directory")
+    p.add_argument("--checkpoint", required=True, help="HF DeepSeek-V2 directory, a `dsv2 convert` output or a `dsv2 train` workdir")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
