@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.moe import Routing
+from dsv2_jax.moe import Routing, grouped_expert_mlp
 from dsv2_jax.sharding import BATCH_AXES
 
 DISPATCH_MODES = ("dropless", "capacity")
@@ -40,17 +40,6 @@ def check_expert_mesh(cfg: ModelConfig, mesh: Mesh) -> None:
     if cfg.topk_method == "group_limited_greedy" and cfg.n_group % ep:
         raise ValueError(f"device-limited routing needs n_group ({cfg.n_group}) to be a multiple of the expert "
                          f"axis ({ep}) so every router group lives on one device")
-
-
-def run_local_experts(tokens, local_ids, w_gate, w_up, w_down):
-    """tokens [M, D] with local expert ids [M] in [0, E_local]; id E_local marks an empty slot (output 0)."""
-    e_local = w_gate.shape[0]
-    order = jnp.argsort(local_ids, stable=True)
-    sizes = jnp.bincount(local_ids, length=e_local).astype(jnp.int32)  # empty slots sort last, uncounted
-    xs = tokens[order]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    ys = jax.lax.ragged_dot(h, w_down, sizes)
-    return jnp.zeros_like(ys).at[order].set(ys)
 
 
 def _exclusive_cumsum(x, axis=0):
@@ -76,7 +65,7 @@ def _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, capacity):
     a2a = partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0)
     recv_x = a2a(send_x.reshape(ep, capacity, -1)).reshape(ep * capacity, -1)
     recv_id = a2a(send_id.reshape(ep, capacity)).reshape(-1)
-    out = run_local_experts(recv_x, recv_id, w_gate, w_up, w_down)
+    out = grouped_expert_mlp(recv_x, recv_id, w_gate, w_up, w_down)
     back = a2a(out.reshape(ep, capacity, -1)).reshape(ep * capacity, -1)
     return back[jnp.minimum(slot, ep * capacity - 1)], keep
 
@@ -103,7 +92,7 @@ def _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep):
     recv_id = jax.lax.ragged_all_to_all((flat_e % e_local)[order].astype(jnp.int32),
                                         jnp.full((buffer,), e_local, jnp.int32), in_offsets, send_sizes,
                                         out_offsets, recv_sizes, axis_name="expert")
-    out = run_local_experts(recv_x, recv_id, w_gate, w_up, w_down)
+    out = grouped_expert_mlp(recv_x, recv_id, w_gate, w_up, w_down)
     back = jax.lax.ragged_all_to_all(out, jnp.zeros((n * k, x.shape[1]), out.dtype), recv_offsets, recv_sizes,
                                      return_offsets, send_sizes, axis_name="expert")
     return jnp.zeros_like(back).at[order].set(back)

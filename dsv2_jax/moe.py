@@ -71,17 +71,24 @@ def experts_reference(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
-def experts_ragged(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
-    """Dropless grouped GEMM: sort the N*K token copies by expert, ragged_dot, unsort, weighted sum over K."""
-    n, k = r.experts.shape
-    flat = r.experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
-    xs = x[order // k]
+def grouped_expert_mlp(x, ids, w_gate, w_up, w_down, rows=None) -> jnp.ndarray:
+    """Row i of the result = expert ids[i]'s SwiGLU of x[rows[i]] (rows default: i); ids >= E give zeros.
+
+    Dropless grouped GEMM: sort the rows by expert, three `jax.lax.ragged_dot`s, unsort.
+    """
+    order = jnp.argsort(ids, stable=True)
+    group_sizes = jnp.bincount(ids, length=w_gate.shape[0]).astype(jnp.int32)  # ids >= E sort last, uncounted
+    xs = x[order if rows is None else rows[order]]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
     ys = jax.lax.ragged_dot(h, w_down, group_sizes)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to token-major order
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), r.weights).astype(x.dtype)
+    return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def experts_ragged(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
+    """All N*K (token, expert) copies through grouped_expert_mlp, then the gate-weighted sum over K."""
+    n, k = r.experts.shape
+    y = grouped_expert_mlp(x, r.experts.reshape(-1), w_gate, w_up, w_down, rows=jnp.arange(n * k) // k)
+    return jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1).astype(jnp.float32), r.weights).astype(x.dtype)
 
 
 EXPERT_IMPLS = {"reference": experts_reference, "ragged": experts_ragged}
