@@ -7,15 +7,16 @@ from dsv2_jax.model import DeepseekV2, abstract_model, init_model
 from dsv2_jax.safetensors_io import CheckpointError
 
 
-def load_model(path, dtype="float32", *, mesh=None, rules=None, shardings=None, **config_overrides) -> DeepseekV2:
-    """Loads a model from an HF DeepSeek-V2 directory (config.json + safetensors, single or sharded) or a
-    directory written by `dsv2 convert` (Orbax params/ + dsv2_config.json).
+def load_model(path, dtype="float32", *, mesh=None, shardings=None, **config_overrides) -> DeepseekV2:
+    """Loads a model from an HF DeepSeek-V2 directory (config.json + safetensors, single or sharded), a
+    directory written by `dsv2 convert` (Orbax params/ + dsv2_config.json) or a `dsv2 train` workdir.
 
     `dtype` ("float32" | "bfloat16") is the parameter and compute dtype; the MoE router stays fp32.
-    `mesh` + `rules` (logical axis → mesh axes) or `shardings` (a pure dict of shardings) place parameters
-    directly in their shardings. `config_overrides` set implementation fields such as moe_impl="reference".
+    `mesh` places parameters by the logical-axis rules in `sharding.LOGICAL_RULES` (each device reads only its
+    own shard of an Orbax checkpoint); `shardings` (a pure dict of shardings) overrides them.
+    `config_overrides` set implementation fields such as moe_impl="reference" or attention_impl="xla".
     """
-    return load_checkpoint(path, dtype, mesh=mesh, rules=rules, shardings=shardings, **config_overrides)
+    return load_checkpoint(path, dtype, mesh=mesh, shardings=shardings, **config_overrides)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DecodeEngine", "DeepseekV2", "ModelConfig", "abstract_model", "generate",

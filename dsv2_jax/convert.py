@@ -17,18 +17,20 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from dsv2_jax.checkpointing import PARAMS_PREFIX, PARAMS_SUFFIX, latest_params, latest_state_dir
 from dsv2_jax.config import ModelConfig, to_hf_dict
+from dsv2_jax.sharding import tree_shardings
 from dsv2_jax.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
                                     layer_entries, layer_to_hf, load_hf, resolve_dtype, stacked_groups, top_entries,
                                     top_to_hf)
 from dsv2_jax.model import DeepseekV2, abstract_model
 from dsv2_jax.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
-                               param_name, restore_tree, shardings_for)
+                               param_name, restore_tree)
 from dsv2_jax.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
 
 PARAMS_DIR = "params"
@@ -233,14 +235,15 @@ def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, d
     return {"bytes_written": total, "files": fnames, "dtype": dt.name}
 
 
-def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, rules=None, shardings=None,
+def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, shardings=None,
                     **config_overrides) -> DeepseekV2:
     """A model from a converted Orbax directory (`params/_METADATA`), a `dsv2 train` workdir (`checkpoints/`,
     newest step's parameters) or an HF directory.
 
-    With `shardings` (a pure dict of jax.sharding.Sharding shaped like the parameter tree) or `mesh` + `rules`
-    (see orbax_io.shardings_for; no rules = replicated), parameters land directly in those shardings: from
-    an Orbax directory each device reads only its own shard.
+    With `mesh`, parameters are placed by the logical-axis rules of `sharding.LOGICAL_RULES` (mesh axes among
+    data/fsdp/expert/tensor; missing ones count as size 1); or pass `shardings`, a pure dict of
+    jax.sharding.Sharding shaped like the parameter tree. From an Orbax directory each device reads only its
+    own shard.
     """
     dtype = resolve_dtype(dtype)
     path = Path(path)
@@ -248,19 +251,15 @@ def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, rule
         model = load_hf(path, dtype, **config_overrides)
         if shardings is None and mesh is None:
             return model
-        import jax
-
         graphdef, state = nnx.split(model)
-        if shardings is None:
-            shardings = shardings_for(state, mesh, rules or {})
+        shardings = shardings or nnx.to_pure_dict(tree_shardings(state, mesh))
         state.replace_by_pure_dict(jax.device_put(nnx.to_pure_dict(state), shardings))
         return nnx.merge(graphdef, state)
     cfg = ModelConfig.from_json(path / MODEL_CONFIG_FILE).replace(**config_overrides)
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     if shardings is None and mesh is not None:
-        shardings = shardings_for(state, mesh, rules or {})
+        shardings = nnx.to_pure_dict(tree_shardings(state, mesh))
     target = abstract_targets(state, shardings)
-    params = latest_params(path, target) if is_training_run(path) else restore_tree(path / PARAMS_DIR, target)
-    state.replace_by_pure_dict(params)
+    state.replace_by_pure_dict(latest_params(path, target) if is_training_run(path)
+                               else restore_tree(path / PARAMS_DIR, target))
     return nnx.merge(graphdef, state)
-

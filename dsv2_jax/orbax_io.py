@@ -136,23 +136,6 @@ class OrbaxTreeReader:
         return (arr if index is None else arr[index]).read().result()
 
 
-def shardings_for(abstract_state, mesh: Mesh, rules) -> dict:
-    """NamedShardings for every parameter of an abstract model state (`nnx.state(abstract_model(...))`).
-
-    `rules` maps a parameter's logical `axes` to mesh axes: either a callable `axes -> PartitionSpec` or a
-    mapping {logical axis name: mesh axis | tuple of mesh axes | None} (names not in it stay replicated).
-    Returns a pure dict shaped like `nnx.to_pure_dict(abstract_state)`.
-    """
-    from flax import nnx
-
-    def spec(axes) -> PartitionSpec:
-        if callable(rules):
-            return rules(tuple(axes))
-        return PartitionSpec(*(rules.get(a) for a in axes))
-
-    return nnx.to_pure_dict(abstract_state, lambda v: NamedSharding(mesh, spec(v.axes)))
-
-
 def restore_tree(directory: str | Path, target: dict) -> dict:
     """Plain Orbax restore of a pytree checkpoint into `target` (a pure dict of jax.ShapeDtypeStruct with
     shardings): each device reads its own shard, cast to the target dtypes on the fly."""

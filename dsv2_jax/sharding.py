@@ -85,7 +85,8 @@ def logical_to_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -
         if name not in LOGICAL_RULES:
             raise ValueError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
         mesh_axis = LOGICAL_RULES[name]
-        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]):
+        # Axes the mesh lacks (a decode-only mesh of tensor x expert, say) count as size 1.
+        if mesh_axis is not None and (mesh.shape.get(mesh_axis, 1) == 1 or dim % mesh.shape[mesh_axis]):
             mesh_axis = None
         out.append(mesh_axis)
     return P(*out)

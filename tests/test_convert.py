@@ -88,13 +88,13 @@ def test_sharded_restore_reads_into_target_shardings(converted):
     name, hf_dir, out, _ = converted
     if name != "v2":
         pytest.skip("one config covers sharded restore")
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"))
-    rules = {"expert": "expert", "vocab": "data", "heads": "expert"}
-    model = dsv2_jax.load_model(out, mesh=mesh, rules=rules, dtype="bfloat16")
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("tensor", "expert"))  # no fsdp axis: embed replicated
+    model = dsv2_jax.load_model(out, mesh=mesh, dtype="bfloat16")  # placed by sharding.LOGICAL_RULES
     w_gate = model.moe_layers.mlp.w_gate[...]
-    assert w_gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, None)
-    assert {s.data.shape for s in w_gate.addressable_shards} == {(w_gate.shape[0], 2, *w_gate.shape[2:])}
-    assert model.embed[...].sharding.spec == jax.sharding.PartitionSpec("data", None)
+    assert w_gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
+    assert {s.data.shape for s in w_gate.addressable_shards} == {(w_gate.shape[0], 2, w_gate.shape[2],
+                                                                   w_gate.shape[3] // 2)}
+    assert model.embed[...].sharding.spec == jax.sharding.PartitionSpec("tensor", None)
     assert model.moe_layers.mlp.w_router[...].dtype == np.float32 and w_gate.dtype == jax.numpy.bfloat16
     want = _params(dsv2_jax.load_model(hf_dir, dtype="bfloat16"))
     for k, v in _params(model).items():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 from dsv2_jax import generate, load_model
 from dsv2_jax.engine import DecodeEngine, decode_and_sample, prefill_and_sample
@@ -156,17 +156,9 @@ def test_sharded_decode_gives_the_same_tokens(hf_checkpoint, case):
     """Heads over 'tensor', experts over 'expert' on a 4x2 mesh of simulated CPU devices."""
     if case[0] != "v2":
         pytest.skip("one config is enough for the sharded path (compiles take most of this test)")
-    model = load_model(hf_checkpoint[1])
     mesh = jax.make_mesh((4, 2), ("tensor", "expert"), axis_types=(AxisType.Auto, AxisType.Auto))
-    rules = {"heads": "tensor", "expert": "expert"}
-
-    def place(v):
-        spec = PartitionSpec(*(rules.get(a) for a in v.axes))
-        return v.replace(jax.device_put(v[...], NamedSharding(mesh, spec)))
-
-    params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(place, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    assert model.moe_layers.mlp.w_up[...].sharding.spec == PartitionSpec(None, "expert", None, None)
+    model = load_model(hf_checkpoint[1], mesh=mesh)  # placed by sharding.LOGICAL_RULES
+    assert model.moe_layers.mlp.w_up[...].sharding.spec == PartitionSpec(None, "expert", None, "tensor")
     assert model.moe_layers.attn.wo[...].sharding.spec == PartitionSpec(None, "tensor", None, None)
     out = DecodeEngine(model, cache_dtype=jnp.float32).generate(PROMPTS, 16)
     assert out == [g[:16] for g in case[3]]
