@@ -9,7 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets: configs/ of a source checkout, or the copy a wheel installs as dsv2_jax/configs/.
+CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
+                                Path(__file__).resolve().parent / "configs") if d.is_dir()),
+                   Path(__file__).resolve().parent / "configs")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 MOE_IMPLS = ("reference", "ragged")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
