@@ -10,6 +10,8 @@ PY="${PYTHON:-python}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave room for the XLA reference paths
+# tests/conftest.py defaults JAX_PLATFORMS to cpu (CI simulates 8 CPU devices): name the accelerator here.
+if command -v nvidia-smi >/dev/null 2>&1; then export JAX_PLATFORMS=cuda; else export JAX_PLATFORMS=tpu; fi
 
 status=0
 "$PY" -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/env.txt"
