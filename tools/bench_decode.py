@@ -132,18 +132,27 @@ def bench_point(model, torch_model, batch: int, context: int, new: int) -> list[
     t0 = time.perf_counter()
     engine.generate(prompts, new)
     ours = time.perf_counter() - t0
+    ours_decode = engine.stats.decode_s * new / max(engine.stats.decode_steps, 1)  # the new-1 steps after prefill
     ids = torch.tensor(prompts)
     torch_model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)  # warm up
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, use_cache=True, pad_token_id=0)
-    hf = time.perf_counter() - t0
+
+    def hf_generate(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    hf_generate(2)  # warm up
+    hf = hf_generate(new)
+    hf_decode = (hf - hf_generate(1)) * new / (new - 1)  # generate(1) is prefill + first token
     rows += _throughput([{"impl": "engine_end_to_end", "cache_bytes": engine.cache_nbytes, "s": ours},
-                         {"impl": "transformers_eager_generate", "cache_bytes": None, "s": hf}], batch, context, new)
-    rows[-2]["speedup_vs_transformers"] = round(hf / ours, 2)
+                         {"impl": "transformers_eager_generate", "cache_bytes": None, "s": hf},
+                         {"impl": "engine_decode_only", "cache_bytes": engine.cache_nbytes, "s": ours_decode},
+                         {"impl": "transformers_decode_only", "cache_bytes": None, "s": hf_decode}],
+                        batch, context, new)
+    rows[-4]["speedup_vs_transformers"] = round(hf / ours, 2)
+    rows[-2]["speedup_vs_transformers"] = round(hf_decode / ours_decode, 2)
     return rows
 
 
