@@ -8,7 +8,8 @@ are reduced once, after the combine). Plugged into the model through MoE's `expe
 Dispatch modes:
   * "capacity" — the paper's device-level token dropping: each device sends at most
     ceil(capacity_factor · n·K / ep) copies to every other device; over budget, the lowest-affinity copies
-    (smallest s_{i,t}) are dropped. Fixed-size `all_to_all`. Only while training: eval never drops.
+    (smallest s_{i,t}) are dropped, except that every `never_drop_every`-th sequence ranks first (the paper
+    keeps ~10% of sequences whole). Fixed-size `all_to_all`. Only while training: eval never drops.
   * "dropless" — nothing dropped. On GPU/TPU `jax.lax.ragged_all_to_all` moves exactly the routed copies;
     on CPU (where it does not run) the same fixed-size `all_to_all` is used with worst-case padding.
 Device-limited routing (each token touches at most topk_group devices) needs the router's groups to line up
@@ -99,10 +100,14 @@ def _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep):
 
 
 def make_experts_fn(mesh: Mesh, mode: str = "dropless", capacity_factor: float = 1.0, train: bool = True,
-                    use_ragged_all_to_all: bool | None = None):
+                    use_ragged_all_to_all: bool | None = None, seq_len: int | None = None,
+                    never_drop_every: int = 0):
     """An `experts_fn(x[N,D], routing, w_gate, w_up, w_down) -> [N,D]` running the experts expert-parallel.
 
-    use_ragged_all_to_all defaults to True off CPU (dropless mode only)."""
+    use_ragged_all_to_all defaults to True off CPU (dropless mode only). Capacity mode: with `seq_len` (x's rows
+    are whole sequences of that length) and `never_drop_every` = n > 0, every n-th sequence of each shard is
+    never dropped — the paper keeps ~10% of sequences whole (n = 10); data order is shuffled, so which
+    sequences those are is random."""
     if mode not in DISPATCH_MODES:
         raise ValueError(f"moe dispatch mode must be one of {DISPATCH_MODES}, got {mode!r}")
     if use_ragged_all_to_all is None:
@@ -115,6 +120,10 @@ def make_experts_fn(mesh: Mesh, mode: str = "dropless", capacity_factor: float =
         e_local = w_gate.shape[0]
         if drop:
             cap = max(1, math.ceil(capacity_factor * n * k / ep))
+            if never_drop_every and seq_len:
+                # Affinities are softmax probabilities (<= 1): +2 ranks protected copies first.
+                protected = (jnp.arange(n) // seq_len) % never_drop_every == 0
+                affinity = affinity + 2.0 * protected[:, None]
             y, keep = _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, cap)
             weights = jnp.where(keep.reshape(n, k), weights, 0.0)
         elif use_ragged_all_to_all:

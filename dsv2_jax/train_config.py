@@ -42,6 +42,7 @@ class TrainConfig:
     remat: str = "none"
     moe_dispatch: str = "dropless"      # expert-parallel mode: dropless | capacity
     capacity_factor: float = 1.0
+    never_drop_every: int = 10          # capacity mode: 1 in N sequences is never dropped (paper ~10%); 0 = off
     seed: int = 0
     # Bookkeeping.
     checkpoint_every: int = 100
@@ -56,6 +57,8 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(f, f"must be a positive integer, got {v!r}")
+        if not isinstance(self.never_drop_every, int) or self.never_drop_every < 0:
+            fail("never_drop_every", f"must be a non-negative integer, got {self.never_drop_every!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             fail("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):

@@ -47,7 +47,8 @@ class Trainer:
         self.graphdef, _ = nnx.split(abstract_model(self.cfg, jnp.float32))
         self.compute_dtype = jnp.dtype(tc.compute_dtype)
         # One device: the model's own dropless experts; several: expert-parallel dispatch in shard_map.
-        self.experts_fn = (make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=True)
+        self.experts_fn = (make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=True,
+                                           seq_len=tc.seq_len, never_drop_every=tc.never_drop_every)
                            if mesh.size > 1 else None)
         self.abstract_state = jax.eval_shape(lambda: self._init(0))
         self.state_shardings = tree_shardings(self.abstract_state, mesh)

@@ -41,9 +41,9 @@ def test_dropless_matches_single_device_values_and_grads(problem, spec):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-5)
 
 
-def expected_capacity_output(x, r, w, mesh, capacity_factor):
+def expected_capacity_output(x, r, w, mesh, capacity_factor, protected=()):
     """Numpy reference: each token shard sends at most `cap` copies to each expert shard, keeping the
-    highest-affinity ones; the dropped copies simply contribute nothing."""
+    protected tokens' copies first, then the highest-affinity ones; dropped copies contribute nothing."""
     ep, shards = mesh.shape["expert"], batch_divisor(mesh)
     n_local, k = N // shards, r.experts.shape[1]
     cap = math.ceil(capacity_factor * n_local * k / ep)
@@ -52,7 +52,7 @@ def expected_capacity_output(x, r, w, mesh, capacity_factor):
     for s in range(shards):
         rows = range(s * n_local, (s + 1) * n_local)
         for dev in range(ep):
-            copies = [(scores[t, experts[t, j]], t, j) for t in rows for j in range(k)
+            copies = [(scores[t, experts[t, j]] + 2.0 * (t in protected), t, j) for t in rows for j in range(k)
                       if experts[t, j] // (E // ep) == dev]
             for _, t, j in sorted(copies, key=lambda c: -c[0])[cap:]:
                 weights[t, j] = 0.0
@@ -71,6 +71,25 @@ def test_capacity_mode_drops_exactly_the_lowest_affinity_copies(problem, spec):
     # Eval never drops.
     np.testing.assert_allclose(jax.jit(make_experts_fn(mesh, "capacity", train=False))(x, r, *w),
                                moe.experts_ragged(x, r, *w), atol=1e-5)
+
+
+def test_capacity_mode_never_drops_the_protected_sequences(problem):
+    """The paper keeps ~10% of sequences whole: with seq_len 2 and never_drop_every 4, every 4th 2-token sequence
+    of each 8-token shard ranks first for the capacity (its 4 copies fit any one device's budget of 4); the rest
+    still drop by affinity."""
+    cfg, x, r, w = problem
+    mesh = make_mesh("data=2,expert=4")
+    n_local = N // batch_divisor(mesh)
+    protected = sorted(t for t in range(N) if ((t % n_local) // 2) % 4 == 0)
+    want, dropped = expected_capacity_output(x, r, w, mesh, 1.0, set(protected))
+    assert dropped > 0
+    fn = jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0, seq_len=2, never_drop_every=4))
+    got = np.asarray(fn(x, r, *w))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    full = np.asarray(moe.experts_reference(x, r, *w))
+    plain = np.asarray(jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0))(x, r, *w))
+    assert np.abs(got[protected] - full[protected]).max() < 1e-5  # nothing of theirs was dropped...
+    assert np.abs(plain[protected] - full[protected]).max() > 1e-3  # ...which plain capacity mode would drop
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
