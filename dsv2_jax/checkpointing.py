@@ -12,7 +12,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from grain.checkpoint import CheckpointRestore, CheckpointSave
+
+from dsv2_jax.data import data_checkpoint_args
 
 
 class RunCheckpoints:
@@ -28,12 +29,12 @@ class RunCheckpoints:
 
     def save(self, step: int, state: Any, data_iterator) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=CheckpointSave(data_iterator)))
+                                                        data=data_checkpoint_args(data_iterator)))
 
     def restore(self, step: int, target: Any, data_iterator) -> Any:
         """Restores the train state into `target` (abstract arrays with shardings) and the iterator in place."""
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                 data=CheckpointRestore(data_iterator)))
+                                                                 data=data_checkpoint_args(data_iterator, restore=True)))
         return out.state
 
     def wait(self) -> None:

@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grain
+from grain.checkpoint import CheckpointRestore, CheckpointSave
 import jax
 import numpy as np
 from grain.experimental import (
@@ -293,6 +294,4 @@ def make_dataset(
 
 def data_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
     """Orbax args for the data iterator (`grain.checkpoint.CheckpointSave/Restore`)."""
-    from grain.checkpoint import CheckpointRestore, CheckpointSave  # needs orbax installed
-
     return CheckpointRestore(iterator) if restore else CheckpointSave(iterator)
