@@ -9,8 +9,10 @@ from dsv2_jax.config import ModelConfig
 
 
 def resolve_config(spec: str) -> ModelConfig:
-    """A preset name, a ModelConfig JSON file, or an HF directory / config.json."""
+    """A preset name, a ModelConfig JSON file, a converted / training directory, or an HF directory."""
     p = Path(spec)
+    if (p / "dsv2_config.json").is_file():
+        return ModelConfig.from_json(p / "dsv2_config.json")
     if p.is_dir() or p.name == "config.json":
         return ModelConfig.from_hf(p)
     if p.suffix == ".json":
