@@ -194,7 +194,7 @@ class ModelConfig:
         """`deepseek-v2`, `deepseek-v2-lite` or `tiny` (files under configs/)."""
         path = CONFIGS_DIR / f"{name}.json"
         if not path.is_file():
-            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json") if not p.stem.startswith("train-"))
             raise ConfigError(f"unknown preset {name!r}; known: {known}")
         return cls.from_json(path)
 
