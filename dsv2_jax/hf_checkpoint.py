@@ -151,16 +151,8 @@ def entry_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, i: int, en
     return out
 
 
-def layer_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, i: int, dtype) -> dict:
-    """One decoder layer's parameter tree (unstacked numpy arrays) from HF tensors."""
-    tree: dict = {}
-    for ent in layer_entries(cfg, is_moe_layer(cfg, i)):
-        _set(tree, ent.path, entry_from_hf(get, cfg, i, ent, dtype))
-    return tree
-
-
 def layer_to_hf(tree: dict, cfg: ModelConfig, i: int, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """Inverse of layer_from_hf: (HF name, [out, in] array in `dtype`) pairs."""
+    """One layer's parameter tree → (HF name, [out, in] array in `dtype`) pairs (inverse of entry_from_hf)."""
     prefix = f"model.layers.{i}."
     for ent in layer_entries(cfg, is_moe_layer(cfg, i)):
         if ent.path == ("attn", "w_uk"):
@@ -216,16 +208,26 @@ def stacked_groups(cfg: ModelConfig) -> list[tuple[str, range]]:
 
 
 def params_from_hf(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype) -> dict:
-    tree = top_from_hf(ckpt.get, cfg, dtype)
+    """The parameter tree as device arrays. Each stacked parameter is filled layer by layer into one host
+    buffer and moved to the device before the next, so host memory peaks near one stacked parameter, not at
+    twice the model."""
+    tree = jax.tree.map(jnp.asarray, top_from_hf(ckpt.get, cfg, dtype))
     for key, layers in stacked_groups(cfg):
-        per_layer = [layer_from_hf(ckpt.get, cfg, i, dtype) for i in layers]
-        tree[key] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+        group = tree.setdefault(key, {})
+        for ent in layer_entries(cfg, is_moe_layer(cfg, layers[0])):
+            stack = None
+            for j, i in enumerate(layers):
+                one = entry_from_hf(ckpt.get, cfg, i, ent, dtype)
+                if stack is None:
+                    stack = np.empty((len(layers), *one.shape), one.dtype)
+                stack[j] = one
+            _set(group, ent.path, jnp.asarray(stack))
     return tree
 
 
 def model_from_params(cfg: ModelConfig, params: dict, dtype) -> DeepseekV2:
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+    state.replace_by_pure_dict(params)
     return nnx.merge(graphdef, state)
 
 
