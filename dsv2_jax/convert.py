@@ -17,14 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from dsv2_jax.checkpointing import PARAMS_PREFIX, PARAMS_SUFFIX, latest_params, latest_state_dir
 from dsv2_jax.config import ModelConfig, to_hf_dict
-from dsv2_jax.sharding import tree_shardings
 from dsv2_jax.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
                                     layer_entries, layer_to_hf, load_hf, resolve_dtype, stacked_groups, top_entries,
                                     top_to_hf)
@@ -32,6 +30,7 @@ from dsv2_jax.model import DeepseekV2, abstract_model
 from dsv2_jax.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
                                param_name, restore_tree)
 from dsv2_jax.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
+from dsv2_jax.sharding import tree_shardings
 
 PARAMS_DIR = "params"
 HF_CONFIG_FILE = "config.json"
@@ -247,19 +246,16 @@ def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, shar
     """
     dtype = resolve_dtype(dtype)
     path = Path(path)
+
+    def shardings_fn(abstract_state):
+        return shardings if shardings is not None else nnx.to_pure_dict(tree_shardings(abstract_state, mesh))
+
+    placed = shardings is not None or mesh is not None
     if not is_orbax_dir(path):
-        model = load_hf(path, dtype, **config_overrides)
-        if shardings is None and mesh is None:
-            return model
-        graphdef, state = nnx.split(model)
-        shardings = shardings or nnx.to_pure_dict(tree_shardings(state, mesh))
-        state.replace_by_pure_dict(jax.device_put(nnx.to_pure_dict(state), shardings))
-        return nnx.merge(graphdef, state)
+        return load_hf(path, dtype, shardings_fn if placed else None, **config_overrides)
     cfg = ModelConfig.from_json(path / MODEL_CONFIG_FILE).replace(**config_overrides)
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    if shardings is None and mesh is not None:
-        shardings = nnx.to_pure_dict(tree_shardings(state, mesh))
-    target = abstract_targets(state, shardings)
+    target = abstract_targets(state, shardings_fn(state) if placed else None)
     state.replace_by_pure_dict(latest_params(path, target) if is_training_run(path)
                                else restore_tree(path / PARAMS_DIR, target))
     return nnx.merge(graphdef, state)

@@ -207,11 +207,18 @@ def stacked_groups(cfg: ModelConfig) -> list[tuple[str, range]]:
     return [(k, r) for k, r in groups if len(r)]
 
 
-def params_from_hf(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype) -> dict:
-    """The parameter tree as device arrays. Each stacked parameter is filled layer by layer into one host
-    buffer and moved to the device before the next, so host memory peaks near one stacked parameter, not at
-    twice the model."""
-    tree = jax.tree.map(jnp.asarray, top_from_hf(ckpt.get, cfg, dtype))
+def params_from_hf(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype, shardings: dict | None = None) -> dict:
+    """The parameter tree as device arrays, placed by `shardings` (a pure dict like the tree) when given.
+
+    Each stacked parameter is filled layer by layer into one host buffer and sent to its devices before the
+    next, so host memory peaks near one stacked parameter, and no device ever holds more than its shards.
+    """
+    def place(path: tuple, value: np.ndarray):
+        return jnp.asarray(value) if shardings is None else jax.device_put(value, _get(shardings, path))
+
+    tree: dict = {}
+    for ent in top_entries(cfg):
+        _set(tree, ent.path, place(ent.path, _cast(ent.to_ours(ckpt.get(ent.hf)), np.dtype(dtype))))
     for key, layers in stacked_groups(cfg):
         group = tree.setdefault(key, {})
         for ent in layer_entries(cfg, is_moe_layer(cfg, layers[0])):
@@ -221,7 +228,7 @@ def params_from_hf(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype) -> dict
                 if stack is None:
                     stack = np.empty((len(layers), *one.shape), one.dtype)
                 stack[j] = one
-            _set(group, ent.path, jnp.asarray(stack))
+            _set(group, ent.path, place((key, *ent.path), stack))
     return tree
 
 
@@ -240,13 +247,17 @@ def resolve_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
-def load_hf(path: str | os.PathLike, dtype="float32", **config_overrides) -> DeepseekV2:
-    """An HF DeepSeek-V2 directory (config.json + model.safetensors or a sharded index) → model."""
+def load_hf(path: str | os.PathLike, dtype="float32", shardings_fn: Callable | None = None,
+            **config_overrides) -> DeepseekV2:
+    """An HF DeepSeek-V2 directory (config.json + model.safetensors or a sharded index) → model.
+
+    shardings_fn(abstract_state) -> pure dict of shardings places each parameter as it is read."""
     dtype = resolve_dtype(dtype)
     cfg = ModelConfig.from_hf(Path(path), **config_overrides)
     ckpt = SafetensorsCheckpoint(path)
     check_tensors(ckpt, cfg)
+    shardings = None if shardings_fn is None else shardings_fn(nnx.state(abstract_model(cfg, dtype)))
     try:
-        return model_from_params(cfg, params_from_hf(ckpt, cfg, dtype), dtype)
+        return model_from_params(cfg, params_from_hf(ckpt, cfg, dtype, shardings), dtype)
     finally:
         ckpt.close()

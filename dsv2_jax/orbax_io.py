@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import tensorstore as ts
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint._src.metadata import tree as tree_metadata
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import types as ser_types

@@ -14,7 +14,6 @@ import dsv2_jax
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.mla import causal_segment_mask, pallas_backend
 from dsv2_jax.model import init_model
-from dsv2_jax.rope import rope_tables
 from tests.conftest import V2_STYLE, make_hf_checkpoint
 
 SEQ = 80  # longer than both tiny configs' original_max_position_embeddings (32, 16): YaRN ramp matters

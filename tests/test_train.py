@@ -1,6 +1,5 @@
 """Training: schedule, FLOP count, sharded step == single device, exact resume after kill -9, NaN stop, CLI errors."""
 
-import json
 import os
 import signal
 import subprocess
