@@ -21,6 +21,15 @@ def test_generate_prompt_ids_json(hf_v2, capsys):
     assert record["cache_bytes"] == (24 + 8) * 3 * 2 * 16 and record["tokens_per_s"] > 0
 
 
+def test_generate_on_a_mesh_gives_the_same_ids(hf_v2, capsys):
+    argv = ["generate", "--checkpoint", str(hf_v2[0]), "--prompt-ids", "5,6,7,8,9", "--max-new-tokens", "6",
+            "--dtype", "float32", "--json"]
+    assert main(argv) == 0
+    single = json.loads(capsys.readouterr().out)["new_ids"]
+    assert main([*argv, "--mesh", "tensor=2,expert=4"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_ids"] == single
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--prompt-ids", "1,x", "--json"], "--prompt-ids must be comma-separated integers"),
     (["--prompt-ids", "1,999", "--json"], "prompt 0: token id 999 outside the vocabulary"),

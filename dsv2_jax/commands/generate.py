@@ -33,7 +33,12 @@ def run(args) -> int:
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     needs_text = args.prompt is not None or not args.json
     tokenizer = load_text_tokenizer(checkpoint) if needs_text else None
-    model = load_model(checkpoint, args.dtype)
+    mesh = None
+    if args.mesh:
+        from dsv2_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    model = load_model(checkpoint, args.dtype, mesh=mesh)
     if args.prompt is not None:
         # Documents are trained as [bos, text..., eos]: a text prompt starts the same way.
         bos = model.config.bos_token_id
@@ -78,6 +83,7 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default="", help="shard the weights, e.g. tensor=4,expert=2 (one host's devices)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the model's bos token to --prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON line (ids, text, tokens/s, cache bytes)")
