@@ -9,6 +9,7 @@ the run with TrainingDiverged (so does a non-finite gradient norm); that state i
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,8 +34,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
-def make_dataset(tc: TrainConfig, cfg: ModelConfig):
-    """The grain pipeline of dsv2_jax.data over tc.data (default: the embedded stdlib corpus)."""
+def make_dataset(tc: TrainConfig, cfg: ModelConfig, held_out: bool = False):
+    """The grain pipeline of dsv2_jax.data over tc.data (default: the embedded stdlib corpus), or one ordered
+    pass over tc.eval_data."""
     from dsv2_jax.data import make_dataset as grain_dataset
     from dsv2_jax.tokenizer import load_tokenizer
 
@@ -42,7 +44,19 @@ def make_dataset(tc: TrainConfig, cfg: ModelConfig):
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's vocab_size "
                          f"({cfg.vocab_size})")
+    if held_out:
+        return grain_dataset(list(tc.eval_data), tokenizer, tc.seq_len, tc.global_batch, tc.seed, num_epochs=1,
+                             shuffle=False)
     return grain_dataset(list(tc.data) or None, tokenizer, tc.seq_len, tc.global_batch, tc.seed)
+
+
+def evaluate(trainer, params, eval_dataset, batches: int, mesh) -> float:
+    """Token-weighted mean next-token loss over the first `batches` batches of the held-out set."""
+    nll = tokens = 0.0
+    for batch in itertools.islice(iter(eval_dataset), batches):
+        s, n = trainer.eval_step(params, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh))
+        nll, tokens = nll + float(s), tokens + float(n)
+    return nll / max(tokens, 1.0)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -76,6 +90,7 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
                          f"{batch_divisor(mesh)} (data × fsdp × expert)")
     # Everything a user can get wrong (config, mesh, data paths) fails before the workdir is touched.
     iterator = iter(dataset if dataset is not None else make_dataset(tc, cfg))
+    eval_dataset = make_dataset(tc, cfg, held_out=True) if tc.eval_every else None
     trainer = Trainer(tc, mesh, cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -109,10 +124,12 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
                     + (f"step {last_saved} in {checkpoints.directory}" if last_saved else "none"))
             record = _record(step, jax.device_get(metrics), now - tick, tokens, flops_per_token, peak)
             tick = now
+            if eval_dataset is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                record["eval_loss"] = evaluate(trainer, state["params"], eval_dataset, tc.eval_batches, mesh)
             losses.append(loss)
             if step > start + 1:  # the first step of a process includes compilation
                 speeds.append(record["tokens_per_s"])
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % tc.log_every == 0 or step == tc.steps or "eval_loss" in record:
                 log.write(record)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoints.save(step, state, iterator)

@@ -22,6 +22,9 @@ class TrainConfig:
     model: str = "tiny"                 # preset name or ModelConfig JSON file
     model_overrides: dict = dataclasses.field(default_factory=dict)
     data: tuple = ()                    # files / directories; empty = the embedded default corpus (stdlib .py)
+    eval_data: tuple = ()               # held-out files / directories for the eval loss
+    eval_every: int = 0                 # steps between evals (0 = off; needs eval_data)
+    eval_batches: int = 8               # global batches per eval (a fixed prefix of eval_data, in order)
     tokenizer: str | None = None        # tokenizer.json or HF dir; None = byte tokenizer
     seq_len: int = 256
     global_batch: int = 8
@@ -57,6 +60,11 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(f, f"must be a positive integer, got {v!r}")
+        for f in ("eval_every", "eval_batches"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                fail(f, f"must be a non-negative integer, got {getattr(self, f)!r}")
+        if self.eval_every and not self.eval_data:
+            fail("eval_every", "needs eval_data (held-out files or directories)")
         if not isinstance(self.never_drop_every, int) or self.never_drop_every < 0:
             fail("never_drop_every", f"must be a non-negative integer, got {self.never_drop_every!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -72,6 +80,7 @@ class TrainConfig:
         if not all(0 < p <= 1 for p in self.decay_at):
             fail("decay_at", f"fractions of the run in (0, 1], got {self.decay_at!r}")
         object.__setattr__(self, "data", tuple(self.data))
+        object.__setattr__(self, "eval_data", tuple(self.eval_data))
         object.__setattr__(self, "decay_at", tuple(self.decay_at))
 
     def model_config(self) -> ModelConfig:

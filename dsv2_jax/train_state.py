@@ -47,9 +47,11 @@ class Trainer:
         self.graphdef, _ = nnx.split(abstract_model(self.cfg, jnp.float32))
         self.compute_dtype = jnp.dtype(tc.compute_dtype)
         # One device: the model's own dropless experts; several: expert-parallel dispatch in shard_map.
-        self.experts_fn = (make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=True,
-                                           seq_len=tc.seq_len, never_drop_every=tc.never_drop_every)
-                           if mesh.size > 1 else None)
+        self.experts_fn, self.eval_experts_fn = (
+            (make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=True, seq_len=tc.seq_len,
+                             never_drop_every=tc.never_drop_every),
+             make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=False))  # eval never drops
+            if mesh.size > 1 else (None, None))
         self.abstract_state = jax.eval_shape(lambda: self._init(0))
         self.state_shardings = tree_shardings(self.abstract_state, mesh)
         self.batch_sharding = batch_sharding(mesh)
@@ -57,6 +59,8 @@ class Trainer:
         self.step = jax.jit(self._train_step, donate_argnums=0,
                             in_shardings=(self.state_shardings, {k: self.batch_sharding for k in BATCH_KEYS}),
                             out_shardings=(self.state_shardings, None))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"],
+                                                                {k: self.batch_sharding for k in BATCH_KEYS}))
 
     def _init(self, seed: int) -> dict[str, Any]:
         # XLA:CPU compiles partitionable threefry ~10x slower (30 s for the tiny model); on CPU, sharded and
@@ -82,6 +86,13 @@ class Trainer:
         if load is not None:
             metrics["expert_load"] = load
         return ce + aux, metrics
+
+    def _eval_step(self, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(summed next-token NLL, number of scored tokens) of one batch: no balance losses, no token dropping."""
+        model = nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], experts_fn=self.eval_experts_fn)
+        tokens = batch["loss_mask"].sum()
+        return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * tokens, tokens
 
     def _train_step(self, state, batch):
         (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], batch)

@@ -191,3 +191,17 @@ def test_a_training_run_loads_generates_and_exports(tmp_path):
     with torch.no_grad():
         theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_eval_loss_on_held_out_data_is_logged(tmp_path):
+    """eval_every / eval_data: a fixed held-out prefix is scored (no balance losses, no dropping) and logged."""
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    (held_out / "a.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    tc = make_test_config(steps=4, eval_every=2, eval_batches=2, eval_data=(str(held_out),))
+    train(tc, tmp_path / "run", dataset=synthetic_dataset(8, 16), progress=False)
+    evals = [(m["step"], m["eval_loss"]) for m in read_metrics(tmp_path / "run") if "eval_loss" in m]
+    assert [s for s, _ in evals] == [2, 4]
+    assert all(np.isfinite(v) and 0 < v < 10 for _, v in evals)
+    with pytest.raises(ConfigError, match="eval_every.*needs eval_data"):
+        make_test_config(eval_every=2)

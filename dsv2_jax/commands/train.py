@@ -11,10 +11,11 @@ from dsv2_jax.train_config import TrainConfig
 def run(args) -> int:
     from dsv2_jax.train import TrainingDiverged, train
 
-    tc = TrainConfig.load(args.config).with_overrides(args.set)
     direct = {"steps": args.steps, "mesh": args.mesh, "data": tuple(args.data) if args.data else None,
+              "eval_data": tuple(args.eval_data) if args.eval_data else None,
               "distributed": True if args.distributed else None}
-    tc = tc.replace(**{k: v for k, v in direct.items() if v is not None})
+    tc = TrainConfig.load(args.config).replace(**{k: v for k, v in direct.items() if v is not None})
+    tc = tc.with_overrides(args.set)
     try:
         summary = train(tc, args.workdir, progress=not args.no_progress)
     except TrainingDiverged as e:
@@ -36,6 +37,8 @@ def register(sub) -> None:
                    help="override a train config field, or a model field as model.FIELD=VALUE (repeatable)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="text/JSONL/ArrayRecord files or directories "
                                                              "(default: the Python standard library sources)")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH",
+                   help="held-out files or directories; with --set eval_every=N logs eval_loss every N steps")
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
