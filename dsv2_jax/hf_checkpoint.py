@@ -169,13 +169,6 @@ def layer_to_hf(tree: dict, cfg: ModelConfig, i: int, dtype) -> Iterator[tuple[s
             yield prefix + ent.hf, _cast(np.ascontiguousarray(ent.to_hf(_get(tree, ent.path))), dtype)
 
 
-def top_from_hf(get, cfg: ModelConfig, dtype) -> dict:
-    tree: dict = {}
-    for ent in top_entries(cfg):
-        _set(tree, ent.path, np.ascontiguousarray(_cast(ent.to_ours(get(ent.hf)), np.dtype(dtype))))
-    return tree
-
-
 def top_to_hf(tree: dict, cfg: ModelConfig, dtype) -> Iterator[tuple[str, np.ndarray]]:
     for ent in top_entries(cfg):
         yield ent.hf, _cast(np.ascontiguousarray(ent.to_hf(_get(tree, ent.path))), dtype)
