@@ -84,10 +84,10 @@ def test_converted_model_equals_hf_loading(converted):
         np.testing.assert_array_equal(np.asarray(from_orbax(IDS)), np.asarray(from_hf(IDS)))
 
 
-def test_sharded_restore_reads_into_target_shardings(converted):
-    name, hf_dir, out, _ = converted
-    if name != "v2":
-        pytest.skip("one config covers sharded restore")
+def test_sharded_restore_reads_into_target_shardings(hf_v2, tmp_path):
+    hf_dir = hf_v2[0]
+    out = tmp_path / "orbax"
+    assert cli("convert", hf_dir, out) == 0
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("tensor", "expert"))  # no fsdp axis: embed replicated
     model = dsv2_jax.load_model(out, mesh=mesh, dtype="bfloat16")  # placed by sharding.LOGICAL_RULES
     w_gate = model.moe_layers.mlp.w_gate[...]
