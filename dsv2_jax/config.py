@@ -15,6 +15,7 @@ CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "config
                    Path(__file__).resolve().parent / "configs")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 MOE_IMPLS = ("reference", "ragged")
+GROUPED_GEMM_IMPLS = ("auto", "blocked", "gather", "tokamax", "ragged_dot")  # see grouped_gemm.py
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
@@ -73,6 +74,7 @@ class ModelConfig:
     eos_token_id: int | None = 100001
     # Implementation choices (not part of the architecture).
     moe_impl: str = "ragged"
+    grouped_gemm: str = "auto"  # backend of the ragged path's grouped GEMM
     attention_impl: str = "auto"
 
     def __post_init__(self):
@@ -165,6 +167,8 @@ class ModelConfig:
             fail("rope_factor", f"YaRN factor must be >= 1, got {self.rope_factor}")
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.grouped_gemm not in GROUPED_GEMM_IMPLS:
+            fail("grouped_gemm", f"must be one of {GROUPED_GEMM_IMPLS}, got {self.grouped_gemm!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             fail("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 

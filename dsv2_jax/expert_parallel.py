@@ -1,8 +1,8 @@
 """Expert parallelism (DeepSeek-V2 §3.2.2): routed experts split over the mesh's "expert" axis.
 
 Inside `jax.shard_map`, every device routes its own tokens, sends each (token, expert) copy to the device
-owning that expert, runs its local experts with `jax.lax.ragged_dot`, and sends the results back, where they
-are combined with the gate weights. The expert-MLP width may additionally be split over "tensor" (partial sums
+owning that expert, runs its local experts through the grouped GEMM (`grouped_gemm.grouped_expert_mlp`, the
+same seam as the single-device path), and sends the results back, where they are combined with the gate weights. The expert-MLP width may additionally be split over "tensor" (partial sums
 are reduced once, after the combine). Plugged into the model through MoE's `experts_fn` hook.
 
 Dispatch modes:
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.moe import Routing, grouped_expert_mlp
+from dsv2_jax.grouped_gemm import grouped_expert_mlp
+from dsv2_jax.moe import Routing
 from dsv2_jax.sharding import BATCH_AXES
 
 DISPATCH_MODES = ("dropless", "capacity")
@@ -47,7 +48,7 @@ def _exclusive_cumsum(x, axis=0):
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, capacity):
+def _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, capacity, gemm):
     """all_to_all with `capacity` slots per (source, destination) pair; over capacity, lowest affinity drops.
     Returns ([n*K, D] expert outputs per copy, [n*K] kept mask)."""
     n, k = experts.shape
@@ -66,12 +67,12 @@ def _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, capacity):
     a2a = partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0)
     recv_x = a2a(send_x.reshape(ep, capacity, -1)).reshape(ep * capacity, -1)
     recv_id = a2a(send_id.reshape(ep, capacity)).reshape(-1)
-    out = grouped_expert_mlp(recv_x, recv_id, w_gate, w_up, w_down)
+    out = grouped_expert_mlp(recv_x, recv_id, w_gate, w_up, w_down, impl=gemm)
     back = a2a(out.reshape(ep, capacity, -1)).reshape(ep * capacity, -1)
     return back[jnp.minimum(slot, ep * capacity - 1)], keep
 
 
-def _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep):
+def _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep, gemm):
     """Dropless with jax.lax.ragged_all_to_all: only the routed copies cross the network (GPU/TPU)."""
     n, k = experts.shape
     e_local = w_gate.shape[0]
@@ -93,7 +94,7 @@ def _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep):
     recv_id = jax.lax.ragged_all_to_all((flat_e % e_local)[order].astype(jnp.int32),
                                         jnp.full((buffer,), e_local, jnp.int32), in_offsets, send_sizes,
                                         out_offsets, recv_sizes, axis_name="expert")
-    out = grouped_expert_mlp(recv_x, recv_id, w_gate, w_up, w_down)
+    out = grouped_expert_mlp(recv_x, recv_id, w_gate, w_up, w_down, impl=gemm)
     back = jax.lax.ragged_all_to_all(out, jnp.zeros((n * k, x.shape[1]), out.dtype), recv_offsets, recv_sizes,
                                      return_offsets, send_sizes, axis_name="expert")
     return jnp.zeros_like(back).at[order].set(back)
@@ -102,7 +103,8 @@ def _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep):
 def make_experts_fn(mesh: Mesh, mode: str = "dropless", capacity_factor: float = 1.0, train: bool = True,
                     use_ragged_all_to_all: bool | None = None, seq_len: int | None = None,
                     never_drop_every: int = 0):
-    """An `experts_fn(x[N,D], routing, w_gate, w_up, w_down) -> [N,D]` running the experts expert-parallel.
+    """An `experts_fn(x[N,D], routing, w_gate, w_up, w_down, gemm="auto") -> [N,D]` running the experts
+    expert-parallel; `gemm` is the local experts' grouped-GEMM backend (the model passes config `grouped_gemm`).
 
     use_ragged_all_to_all defaults to True off CPU (dropless mode only). Capacity mode: with `seq_len` (x's rows
     are whole sequences of that length) and `never_drop_every` = n > 0, every n-th sequence of each shard is
@@ -115,7 +117,7 @@ def make_experts_fn(mesh: Mesh, mode: str = "dropless", capacity_factor: float =
     ep = mesh.shape["expert"]
     drop = mode == "capacity" and train
 
-    def local(x, experts, weights, affinity, w_gate, w_up, w_down, split_f: bool):
+    def local(x, experts, weights, affinity, w_gate, w_up, w_down, split_f: bool, gemm: str):
         n, k = experts.shape
         e_local = w_gate.shape[0]
         if drop:
@@ -124,25 +126,25 @@ def make_experts_fn(mesh: Mesh, mode: str = "dropless", capacity_factor: float =
                 # Affinities are softmax probabilities (<= 1): +2 ranks protected copies first.
                 protected = (jnp.arange(n) // seq_len) % never_drop_every == 0
                 affinity = affinity + 2.0 * protected[:, None]
-            y, keep = _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, cap)
+            y, keep = _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, cap, gemm)
             weights = jnp.where(keep.reshape(n, k), weights, 0.0)
         elif use_ragged_all_to_all:
-            y = _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep)
+            y = _dispatch_ragged(x, experts, w_gate, w_up, w_down, ep, gemm)
         else:
-            y, _ = _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, n * min(k, e_local))
+            y, _ = _dispatch_fixed(x, experts, affinity, w_gate, w_up, w_down, ep, n * min(k, e_local), gemm)
         out = jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1).astype(jnp.float32), weights)
         if split_f:  # each tensor rank holds a slice of the expert width: sum the partial outputs
             out = jax.lax.psum(out, "tensor")
         return out.astype(x.dtype)
 
-    def experts_fn(x, r: Routing, w_gate, w_up, w_down):
+    def experts_fn(x, r: Routing, w_gate, w_up, w_down, gemm: str = "auto"):
         e, _, f = w_gate.shape
         if e % ep:
             raise ValueError(f"{e} experts cannot be split over an expert axis of size {ep}")
         ff = "tensor" if f % mesh.shape["tensor"] == 0 else None
         tok = P(BATCH_AXES)
         affinity = jnp.take_along_axis(r.scores, r.experts, axis=1)
-        fn = jax.shard_map(partial(local, split_f=ff is not None), mesh=mesh, out_specs=tok,
+        fn = jax.shard_map(partial(local, split_f=ff is not None, gemm=gemm), mesh=mesh, out_specs=tok,
                            in_specs=(tok, tok, tok, tok, P("expert", None, ff), P("expert", None, ff),
                                      P("expert", ff, None)))
         return fn(x, r.experts, r.weights, affinity, w_gate, w_up, w_down)

@@ -2,8 +2,11 @@
 
 Two interchangeable routed-expert paths (config `moe_impl`):
   * reference: every expert on every token, weighted by the (mostly zero) combine matrix — obviously right;
-  * ragged: dropless; token copies sorted by expert and run through `jax.lax.ragged_dot` — the fast path.
-The expert-parallel dispatch for sharded training lives in `expert_parallel.py` and reuses `route`.
+  * ragged: dropless; every (token, expert) copy through the grouped GEMM of `grouped_gemm.py`, whose cost
+    follows the activated experts (backend: config `grouped_gemm`) — the fast path.
+The expert-parallel dispatch for sharded training lives in `expert_parallel.py`, reuses `route` and runs its
+local experts through the same grouped GEMM. Every experts function has the signature
+`fn(x [N, D], routing, w_gate, w_up, w_down, gemm=...) -> [N, D]`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
+from dsv2_jax.grouped_gemm import grouped_expert_mlp
 from dsv2_jax.layers import MLP, param
 
 
@@ -62,8 +66,8 @@ def router_stats(r: Routing, batch: int, token_mask: jnp.ndarray | None, n_group
                        in_group.reshape(batch, -1, n_group).sum(1))
 
 
-def experts_reference(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
-    """All experts on all tokens, combined with the dense [N, E] gate matrix."""
+def experts_reference(x, r: Routing, w_gate, w_up, w_down, gemm: str = "auto") -> jnp.ndarray:
+    """All experts on all tokens, combined with the dense [N, E] gate matrix (the oracle: `gemm` is unused)."""
     n, e = r.scores.shape
     combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], r.experts].add(r.weights)
     h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w_gate)) * jnp.einsum("nd,edf->enf", x, w_up)
@@ -71,23 +75,11 @@ def experts_reference(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
-def grouped_expert_mlp(x, ids, w_gate, w_up, w_down, rows=None) -> jnp.ndarray:
-    """Row i of the result = expert ids[i]'s SwiGLU of x[rows[i]] (rows default: i); ids >= E give zeros.
-
-    Dropless grouped GEMM: sort the rows by expert, three `jax.lax.ragged_dot`s, unsort.
-    """
-    order = jnp.argsort(ids, stable=True)
-    group_sizes = jnp.bincount(ids, length=w_gate.shape[0]).astype(jnp.int32)  # ids >= E sort last, uncounted
-    xs = x[order if rows is None else rows[order]]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
-    ys = jax.lax.ragged_dot(h, w_down, group_sizes)
-    return jnp.zeros_like(ys).at[order].set(ys)
-
-
-def experts_ragged(x, r: Routing, w_gate, w_up, w_down) -> jnp.ndarray:
-    """All N*K (token, expert) copies through grouped_expert_mlp, then the gate-weighted sum over K."""
+def experts_ragged(x, r: Routing, w_gate, w_up, w_down, gemm: str = "auto") -> jnp.ndarray:
+    """All N*K (token, expert) copies through the grouped GEMM (backend `gemm`), then the gate-weighted sum
+    over K."""
     n, k = r.experts.shape
-    y = grouped_expert_mlp(x, r.experts.reshape(-1), w_gate, w_up, w_down, rows=jnp.arange(n * k) // k)
+    y = grouped_expert_mlp(x, r.experts.reshape(-1), w_gate, w_up, w_down, rows=jnp.arange(n * k) // k, impl=gemm)
     return jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1).astype(jnp.float32), r.weights).astype(x.dtype)
 
 
@@ -110,7 +102,8 @@ class MoE(nnx.Module):
         flat = x.reshape(b * t, d)
         r = route(self.cfg, flat, self.w_router[...])
         fn = experts_fn or EXPERT_IMPLS[self.cfg.moe_impl]
-        y = fn(flat, r, self.w_gate[...], self.w_up[...], self.w_down[...]).reshape(b, t, d)
+        y = fn(flat, r, self.w_gate[...], self.w_up[...], self.w_down[...], gemm=self.cfg.grouped_gemm)
+        y = y.reshape(b, t, d)
         if self.shared is not None:
             y = y + self.shared(x)
         return y, router_stats(r, b, token_mask, self.cfg.n_group)
