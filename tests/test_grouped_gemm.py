@@ -1,0 +1,197 @@
+"""The grouped-GEMM seam: every backend equals experts_reference (values and all gradients), costs O(active
+rows), is what every MoE path calls, and the tokamax path runs its Pallas kernel (interpret mode on CPU) and
+lowers to the Mosaic kernels for TPU and NVIDIA."""
+
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv2_jax import grouped_gemm as gg
+from dsv2_jax import moe
+from dsv2_jax.config import ModelConfig
+from dsv2_jax.expert_parallel import make_experts_fn
+from dsv2_jax.sharding import make_mesh
+
+E, D, F = 8, 16, 12
+# Expert choice per (token, slot). "ragged": top-3 over 4 of the 8 experts (4 empty, one holding ~half the
+# copies), N·K = 37·3 = 111 rows, not a multiple of any tile; "one_expert": top-1, every token on expert 5.
+LAYOUTS = {
+    "ragged": lambda rng, n, k: np.stack([rng.choice([0, 2, 3, 7], size=k, replace=False, p=[.55, .25, .15, .05])
+                                          for _ in range(n)]),
+    "one_expert": lambda rng, n, k: np.full((n, k), 5),
+    "uniform": lambda rng, n, k: np.stack([rng.choice(E, size=k, replace=False) for _ in range(n)]),
+}
+SORTED_IMPLS = ("blocked", "ragged_dot")
+
+
+def make_problem(layout: str, dtype, n: int = 37, k: int = 3, d: int = D, f: int = F, e: int = E, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    experts = jnp.asarray(LAYOUTS[layout](rng, n, k), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
+    r = moe.Routing(jnp.zeros((n, e), jnp.float32), experts, weights)
+    x = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    w = [jnp.asarray(0.3 * rng.normal(size=s), dtype) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    return x, r, w
+
+
+def loss(fn, r, x, wg, wu, wd):
+    # A nonlinear head so every output element carries a different cotangent.
+    return jnp.sum(jnp.sin(fn(x, r, wg, wu, wd).astype(jnp.float32)))
+
+
+def check_against_reference(fn, x, r, w, tol):
+    want = moe.experts_reference(x, r, *w)
+    got = fn(x, r, *w)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    grads = jax.jit(jax.grad(partial(loss, fn, r), argnums=(0, 1, 2, 3)))(x, *w)
+    want_grads = jax.jit(jax.grad(partial(loss, moe.experts_reference, r), argnums=(0, 1, 2, 3)))(x, *w)
+    for name, g, gw in zip(("x", "w_gate", "w_up", "w_down"), grads, want_grads):
+        scale = float(np.abs(np.asarray(gw, np.float32)).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(gw, np.float32), atol=tol["atol"] * scale,
+                                   rtol=tol["rtol"], err_msg=f"d/d{name}")
+
+
+FP32 = dict(atol=2e-5, rtol=1e-5)
+BF16 = dict(atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("layout,k", [("ragged", 3), ("one_expert", 1)])
+@pytest.mark.parametrize("impl", (*SORTED_IMPLS, "gather"))
+def test_every_backend_equals_reference_fp32(layout, k, impl):
+    x, r, w = make_problem(layout, jnp.float32, k=k)
+    check_against_reference(jax.jit(partial(moe.experts_ragged, gemm=impl)), x, r, w, FP32)
+
+
+@pytest.mark.parametrize("impl", ("blocked", "gather"))
+def test_bf16_within_bf16_tolerance(impl):
+    x, r, w = make_problem("ragged", jnp.bfloat16)
+    check_against_reference(jax.jit(partial(moe.experts_ragged, gemm=impl)), x, r, w, BF16)
+
+
+@pytest.mark.parametrize("impl", ("blocked", "gather"))
+def test_ids_past_the_experts_give_zero_rows_and_no_gradient(impl):
+    """The expert-parallel buffers mark empty slots with id = E: zeros out, nothing into any weight grad."""
+    x, r, w = make_problem("uniform", jnp.float32, n=24, k=1)
+    ids = r.experts[:, 0].at[::3].set(E)
+    real = np.asarray(ids) < E
+    f = jax.jit(lambda x, wg: gg.grouped_expert_mlp(x, ids, wg, *w[1:], impl=impl))
+    y = f(x, w[0])
+    assert np.all(np.asarray(y)[~real] == 0)
+    only_real = moe.Routing(r.scores[real], ids[real][:, None], jnp.ones((int(real.sum()), 1)))
+    np.testing.assert_allclose(y[real], moe.experts_reference(x[real], only_real, *w), atol=1e-5)
+    gx, gw = jax.grad(lambda x, wg: jnp.sum(f(x, wg) ** 2), argnums=(0, 1))(x, w[0])
+    assert np.all(np.asarray(gx)[~real] == 0)
+    gw_real = jax.grad(lambda wg: jnp.sum(moe.experts_reference(x[real], only_real, wg, *w[1:]) ** 2))(w[0])
+    np.testing.assert_allclose(gw, gw_real, atol=1e-4)
+
+
+def largest_buffer(impl: str, m: int = 128, e: int = 64, d: int = 16, f: int = 8) -> int:
+    """Elements of the largest f32 array in the compiled forward+backward."""
+    x, ids = jnp.zeros((m, d)), jnp.zeros((m,), jnp.int32)
+    w = [jnp.zeros(s) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    step = jax.jit(jax.grad(lambda x, *w: jnp.sum(gg.grouped_expert_mlp(x, ids, *w, impl=impl)), argnums=(0, 1, 2, 3)))
+    hlo = step.lower(x, *w).compile().as_text()
+    return max(int(np.prod([int(s) for s in dims.split(",") if s])) for dims in re.findall(r"f32\[([\d,]*)\]", hlo))
+
+
+def test_blocked_forward_and_backward_never_expand_to_every_expert():
+    """128 rows, 64 experts: the dense expansion is E·M·F = 65,536 elements; XLA's ragged_dot builds it on CPU,
+    the blocked path's largest array is the weight stack itself (E·D·F = 8,192)."""
+    dense = 64 * 128 * 8
+    assert largest_buffer("ragged_dot") >= dense  # the failure mode this guards against
+    assert largest_buffer("blocked") <= 64 * 16 * 8
+
+
+def test_auto_picks_gather_for_decode_sized_batches_and_blocked_on_cpu():
+    assert gg.select_impl("auto", m=6, e=160, d=64, f=32) == "gather"  # B=1, top-6: reads 6/160 of the experts
+    assert gg.select_impl("auto", m=2048, e=160, d=64, f=32) == "blocked"
+    assert gg.select_impl("tokamax", m=6, e=160, d=64, f=32) == "tokamax"
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        gg.select_impl("dense", 6, 160, 64, 32)
+
+
+def test_config_field_reaches_the_seam(monkeypatch):
+    """MoE passes config.grouped_gemm to the experts function; a bad value is a config error naming the field."""
+    seen = []
+    monkeypatch.setattr(gg, "sorted_swiglu", lambda *a: seen.append(a[-1]) or jnp.zeros_like(a[0]))
+    cfg = ModelConfig.preset("tiny").replace(grouped_gemm="ragged_dot")
+    layer = moe.MoE(cfg, jnp.float32)
+    jax.eval_shape(layer, jnp.zeros((2, 16, cfg.hidden_size)))
+    assert seen == ["ragged_dot"]
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        cfg.replace(grouped_gemm="dense")
+
+
+@pytest.mark.parametrize("mode", ["dropless", "capacity"])
+@pytest.mark.parametrize("ragged_a2a", [False, True])
+def test_expert_parallel_local_experts_use_the_seam(monkeypatch, mode, ragged_a2a):
+    """Both dispatch modes (and the ragged_all_to_all variant) hand their local experts to the same seam with
+    the configured backend; their values are checked against single-device in test_expert_parallel.py."""
+    seen = []
+    real = gg.sorted_swiglu
+    monkeypatch.setattr(gg, "sorted_swiglu", lambda *a: seen.append(a[-1]) or real(*a))
+    x, r, w = make_problem("uniform", jnp.float32, n=32, k=2)
+    fn = make_experts_fn(make_mesh("data=2,expert=4"), mode, use_ragged_all_to_all=ragged_a2a)
+    jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w, gemm="ragged_dot"))))(x)
+    jax.make_jaxpr(lambda x: fn(x, r, *w))(x)
+    assert seen == ["ragged_dot", "blocked"]
+
+
+# ---- tokamax -------------------------------------------------------------------------------------------
+def interpret_ragged_dot(lhs, rhs, group_sizes, **_):
+    """tokamax's Mosaic TPU ragged_dot (megablox gmm / tgmm) in Pallas interpret mode, with a fixed tiling
+    (its heuristics query the TPU generation) and its own kernels for the backward."""
+    from tokamax._src.ops.ragged_dot import base
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_tpu as tpu
+
+    dot = tpu.PallasMosaicTpuRaggedDot(interpret=True, bypass_device_check=True, vjp=base.vjp,
+                                       config=tpu.Config(tile_m=128, tile_k=128, tile_n=128))
+    dot = dot.replace(vjp=partial(base.vjp, dlhs_ragged_dot=dot, drhs_ragged_dot=dot))
+    return dot(lhs, rhs, group_sizes=group_sizes)
+
+
+def test_tokamax_kernel_in_interpret_mode_equals_reference(monkeypatch):
+    monkeypatch.setattr(gg, "tokamax_ragged_dot", interpret_ragged_dot)
+    x, r, w = make_problem("ragged", jnp.float32, n=40, k=2, d=128, f=128)
+    check_against_reference(partial(moe.experts_ragged, gemm="tokamax"), x, r, w, dict(atol=1e-4, rtol=1e-4))
+
+
+def export_tokamax(platform: str):
+    import tokamax
+
+    m, d, f, e = 256, 128, 128, 4
+    x, ids = jax.ShapeDtypeStruct((m, d), jnp.bfloat16), jax.ShapeDtypeStruct((m,), jnp.int32)
+    w = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    step = jax.jit(jax.grad(lambda x, ids, *w: jnp.sum(gg.grouped_expert_mlp(x, ids, *w, impl="tokamax")
+                                                       .astype(jnp.float32)), argnums=(0, 2, 3, 4)))
+    with tokamax.config.cross_compile(True):
+        return jax.export.export(step, platforms=[platform])(x, ids, *w).mlir_module()
+
+
+def test_tokamax_path_lowers_to_the_tpu_kernels_forward_and_backward():
+    from jax._src.mesh import AbstractDevice, AbstractMesh  # the TPU to lower for (tiling heuristics read it)
+
+    tpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    with jax.sharding.use_abstract_mesh(tpu):
+        mlir = export_tokamax("tpu")
+    calls = re.findall(r"call @(gmm|tgmm)\w*", mlir)
+    assert "tpu_custom_call" in mlir and not re.search(r"(stablehlo|chlo)\.ragged_dot", mlir)
+    assert calls.count("gmm") >= 5 and calls.count("tgmm") == 3  # forward and dX: gmm; the 3 weight grads: tgmm
+
+
+def test_tokamax_path_lowers_to_mosaic_gpu_kernels_for_hopper(monkeypatch):
+    from tokamax._src import gpu_utils
+
+    class H100:
+        device_kind, platform, compute_capability = "NVIDIA H100 80GB HBM3", "gpu", "9.0"
+    monkeypatch.setattr(gpu_utils, "_compute_capability", lambda device=None: 9.0)
+    monkeypatch.setattr(jax.extend.backend, "get_default_device", lambda: H100())
+    mlir = export_tokamax("cuda")
+    assert not re.search(r"(stablehlo|chlo)\.ragged_dot", mlir)  # every GEMM, forward and backward, is a kernel
+    assert len(re.findall(r"custom_call @mosaic_gpu", mlir)) >= 8
