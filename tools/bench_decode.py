@@ -156,15 +156,16 @@ def bench_point(model, torch_model, batch: int, context: int, new: int) -> list[
     return rows
 
 
-def tiny_pair(directory: str):
-    """A random tiny transformers model saved as a checkpoint, and the same weights loaded here (fp32)."""
+def tiny_pair(directory: str, cfg: ModelConfig | None = None):
+    """A random transformers model (default: the tiny preset) saved as a checkpoint, and the same weights loaded
+    here (fp32)."""
     import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     from dsv2_jax.config import to_hf_dict
 
     torch.manual_seed(0)
-    torch_model = DeepseekV2ForCausalLM(DeepseekV2Config(**to_hf_dict(ModelConfig.preset("tiny")))).float().eval()
+    torch_model = DeepseekV2ForCausalLM(DeepseekV2Config(**to_hf_dict(cfg or ModelConfig.preset("tiny")))).float().eval()
     torch_model.save_pretrained(directory)
     return load_model(directory), torch_model
 

@@ -1,0 +1,257 @@
+"""MoE cost against the number of stored experts: every grouped-GEMM backend here vs transformers + torch.
+
+    python tools/bench_moe.py [--experts 4,16,64,160] [--tokens 512] [--topk 4] [--hidden 64] [--width 32]
+                              [--whole-model] [--quick] [--out bench_moe.jsonl]
+
+(1) One DeepSeekMoE layer (router + routed experts + 1 shared expert) at fixed tokens, top-k and expert width:
+    forward+backward ms for `tokens` tokens, and decode ms per step at B=1 and B=32, for each E and each
+    backend (`grouped_gemm` auto/blocked/gather/ragged_dot/tokamax where it runs, and the dense reference),
+    next to transformers' DeepseekV2Moe holding the same weights (torch, same run, outputs checked equal).
+(2) --whole-model: the tiny preset's train step (tools/bench_train.py; fp32, 4 × 128 tokens) for each E and
+    vs transformers + torch AdamW at E=16; decode vs transformers' eager generate (tools/bench_decode.py:
+    B=8, 200-token prompts, 64 new tokens) at E=16, and our B=1 decode ms/token for each E.
+Prints medians, markdown tables with the E ratios, and `uptime` (timings on a loaded machine are noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools: bench_train, bench_decode
+
+from dsv2_jax import moe  # noqa: E402
+from dsv2_jax.config import ModelConfig, to_hf_dict  # noqa: E402
+from dsv2_jax.model import init_model  # noqa: E402
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def layer_config(e: int, args) -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(
+        n_routed_experts=e, num_experts_per_tok=args.topk, topk_method="greedy", n_group=1, topk_group=1,
+        hidden_size=args.hidden, moe_intermediate_size=args.width, norm_topk_prob=False)
+
+
+def layer_pair(cfg: ModelConfig, seed: int = 0):
+    """transformers' DeepseekV2MoE with random weights, and our MoE's parameter state holding the same."""
+    import torch
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    torch.manual_seed(seed)
+    tm = DeepseekV2Moe(DeepseekV2Config(**to_hf_dict(cfg))).float()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0.0, 0.1)
+    f = cfg.moe_intermediate_size
+    t = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    ours = moe.MoE(cfg, jnp.float32)
+    ours.w_router.value = jnp.asarray(t["gate.weight"].T)
+    ours.w_gate.value = jnp.asarray(t["experts.gate_up_proj"][:, :f].transpose(0, 2, 1))
+    ours.w_up.value = jnp.asarray(t["experts.gate_up_proj"][:, f:].transpose(0, 2, 1))
+    ours.w_down.value = jnp.asarray(t["experts.down_proj"].transpose(0, 2, 1))
+    for name in ("gate", "up", "down"):
+        getattr(ours.shared, f"w_{name}").value = jnp.asarray(t[f"shared_experts.{name}_proj.weight"].T)
+    return tm, nnx.state(ours)
+
+
+def our_impls(train: bool) -> list[tuple[str, dict]]:
+    """(label, config fields) of every path that runs on this backend."""
+    impls = [("auto", {}), ("blocked", {"grouped_gemm": "blocked"})]
+    impls.append(("ragged_dot (XLA)", {"grouped_gemm": "ragged_dot"}))
+    if not train:
+        impls.insert(1, ("gather", {"grouped_gemm": "gather"}))
+    if jax.default_backend() in ("gpu", "tpu"):
+        impls.append(("tokamax", {"grouped_gemm": "tokamax"}))
+    return impls
+
+
+def bench_layer(e: int, args) -> list[dict]:
+    import torch
+
+    cfg = layer_config(e, args)
+    tm, state = layer_pair(cfg)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, args.tokens, cfg.hidden_size)).astype(np.float32)
+    rows = []
+
+    def row(kind, impl, ms):
+        rows.append({"bench": "moe_layer", "kind": kind, "impl": impl, "experts": e, "ms": ms})
+        print(f"E={e:<4} {kind:<12} {impl:<18} {ms:10.3f} ms", flush=True)
+
+    impls = our_impls(train=True) + ([] if args.quick else [("reference (dense)", {"moe_impl": "reference"})])
+    for label, fields in impls:
+        graphdef = nnx.graphdef(moe.MoE(cfg.replace(**fields), jnp.float32))
+
+        def loss(params, x, graphdef=graphdef):
+            y, _ = nnx.merge(graphdef, params)(x)
+            return jnp.sum(y * y)
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        xj = jnp.asarray(x)
+        row("train", label, median_ms(lambda: jax.block_until_ready(step(state, xj)), args.reps))
+    xt = torch.tensor(x, requires_grad=True)
+
+    def torch_train():
+        for p in (*tm.parameters(), xt):
+            p.grad = None
+        (tm(xt) ** 2).sum().backward()
+    row("train", "transformers", median_ms(torch_train, args.reps))
+
+    for b in (1, 32):
+        xb = rng.normal(size=(b, 1, cfg.hidden_size)).astype(np.float32)
+        outs = {}
+        for label, fields in our_impls(train=False):
+            graphdef = nnx.graphdef(moe.MoE(cfg.replace(**fields), jnp.float32))
+            fwd = jax.jit(lambda params, x, graphdef=graphdef: nnx.merge(graphdef, params)(x)[0])
+            xj = jnp.asarray(xb)
+            outs[label] = np.asarray(fwd(state, xj))
+            row(f"decode B={b}", label, median_ms(lambda: jax.block_until_ready(fwd(state, xj)), args.reps * 4))
+        with torch.no_grad():
+            xtb = torch.tensor(xb)
+            want = tm(xtb).numpy()
+            row(f"decode B={b}", "transformers", median_ms(lambda: tm(xtb), args.reps * 4))
+        worst = max(float(np.abs(o - want).max()) for o in outs.values())
+        assert worst < 1e-4, f"E={e} B={b}: ours differs from transformers by {worst}"
+    return rows
+
+
+def markdown(rows: list[dict], value, title: str) -> str:
+    """One table: a row per (kind, impl), a column per E, then the E ratios against the smallest E."""
+    experts = sorted({r["experts"] for r in rows})
+    e0 = experts[0]
+    head = [title] + [f"E={e}" for e in experts] + [f"E={e}/E={e0}" for e in experts[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["kind"], r["impl"]) for r in rows))
+    for kind, impl in keys:
+        vals = {r["experts"]: value(r) for r in rows if (r["kind"], r["impl"]) == (kind, impl)}
+        cells = [f"{vals[e]:.2f}" if e in vals else "" for e in experts]
+        ratios = [f"{vals[e] / vals[e0]:.2f}×" if e in vals and e0 in vals else "" for e in experts[1:]]
+        lines.append(f"| {kind} {impl} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def model_fields(e: int) -> dict:
+    """The tiny preset with E routed experts, greedy top-4 (the whole-model benchmarks)."""
+    return dict(n_routed_experts=e, num_experts_per_tok=4, topk_method="greedy", n_group=1, topk_group=1)
+
+
+def model_config(e: int) -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(**model_fields(e))
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """transformers' time / ours for every (kind, E) measured on both sides."""
+    ours_for = {"transformers": "auto", "transformers+AdamW": "ours", "transformers_decode_only": "engine_decode_only",
+                "transformers_eager_generate": "engine_end_to_end"}
+    ms = {(r["kind"], r["impl"], r["experts"]): r["ms"] for r in rows}
+    return [{"kind": kind, "impl": f"{ours_for[impl]} vs {impl}", "experts": e, "x": t / ms[kind, ours_for[impl], e]}
+            for (kind, impl, e), t in ms.items() if impl in ours_for and (kind, ours_for[impl], e) in ms]
+
+
+def bench_whole_model(experts: list[int], args) -> list[dict]:
+    import bench_decode
+    import bench_train
+
+    rows = []
+    base = ["--config", "tiny", "--set", "seq_len=128", "--set", "global_batch=4", "--set", "compute_dtype=float32",
+            "--steps", str(args.reps)]
+    for e in sorted({*experts, 16}):  # E=16: the comparison with transformers
+        sets = [item for k, v in model_fields(e).items() for item in ("--set", f"model.{k}={v}")]
+        r = bench_train.main(base + sets)
+        rows.append({"bench": "model", "kind": "train step", "impl": "ours", "experts": e, "ms": 1e3 * r["step_s"]})
+    rows.append({"bench": "model", "kind": "train step", "impl": "transformers+AdamW", "experts": 16,
+                 "ms": torch_train_step_ms(16, args)})
+    for e in experts:
+        dt = bench_decode.cache_throughput(init_model(model_config(e)), 1, 64, args.new)[0]["s"]
+        rows.append({"bench": "model", "kind": "decode B=1", "impl": "ours", "experts": e,
+                     "ms": 1e3 * dt / args.new})
+    with tempfile.TemporaryDirectory() as d:
+        model, torch_model = bench_decode.tiny_pair(d, model_config(16))
+        for r in bench_decode.bench_point(model, torch_model, 8, 200, args.new):
+            if r["impl"] in ("engine_decode_only", "transformers_decode_only", "engine_end_to_end",
+                             "transformers_eager_generate"):
+                rows.append({"bench": "model", "kind": "decode B=8 ctx=200", "impl": r["impl"], "experts": 16,
+                             "ms": 1e3 * r["s"] / args.new})
+    for r in rows:
+        print(f"E={r['experts']:<4} {r['kind']:<20} {r['impl']:<28} {r['ms']:10.2f} ms", flush=True)
+    return rows
+
+
+def torch_train_step_ms(e: int, args) -> float:
+    """transformers' DeepseekV2ForCausalLM + torch AdamW (clip 1.0) on the same config and batch shape."""
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    cfg = model_config(e)
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**to_hf_dict(cfg))).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 128)))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return median_ms(step, args.reps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", default="4,16,64,160")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per layer forward+backward")
+    ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--width", type=int, default=32, help="expert (moe_intermediate) width")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--new", type=int, default=64, help="decode steps per whole-model decode measurement")
+    ap.add_argument("--whole-model", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="E in {4, 64}, 3 reps, 16 new tokens, no dense reference")
+    ap.add_argument("--out", help="append JSON lines here")
+    args = ap.parse_args(argv)
+    experts = [int(e) for e in args.experts.split(",")]
+    if args.quick:
+        experts, args.reps, args.new = [4, 64], 3, 16
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tokens {args.tokens}, top-{args.topk}, "
+          f"hidden {args.hidden}, expert width {args.width}; uptime: {subprocess.getoutput('uptime').strip()}")
+    rows = [r for e in experts for r in bench_layer(e, args)]
+    tables = [markdown([r for r in rows if r["kind"] == "train"], lambda r: r["ms"],
+                       f"MoE layer fwd+bwd ms ({args.tokens} tokens)"),
+              markdown([r for r in rows if r["kind"].startswith("decode")], lambda r: r["ms"],
+                       "MoE layer decode ms/step"),
+              markdown(speedups(rows), lambda r: r["x"], "speedup of ours (auto) over transformers")]
+    if args.whole_model:
+        model_rows = bench_whole_model(experts, args)
+        tables.append(markdown(model_rows, lambda r: r["ms"], "tiny model, ms (train step / per token)"))
+        tables.append(markdown(speedups(model_rows), lambda r: r["x"], "tiny model: speedup over transformers"))
+        rows += model_rows
+    print("\n\n".join(tables))
+    print(f"uptime: {subprocess.getoutput('uptime').strip()}")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
