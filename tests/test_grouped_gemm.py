@@ -107,6 +107,19 @@ def test_blocked_forward_and_backward_never_expand_to_every_expert():
     assert largest_buffer("blocked") <= 64 * 16 * 8
 
 
+def test_gather_reads_only_the_selected_experts():
+    """B=1 decode, top-4 of 64 experts: no array the compiled step produces is larger than the 4 selected
+    experts' weights (the stacks are only indexed, inside the gather fusions)."""
+    e, d, f, k = 64, 16, 8, 4
+    ids, x = jnp.arange(k, dtype=jnp.int32) * 5, jnp.zeros((k, d))
+    w = [jnp.zeros(s) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    hlo = jax.jit(partial(gg.grouped_expert_mlp, impl="auto")).lower(x, ids, *w).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    produced = [int(np.prod([int(s) for s in dims.split(",") if s])) for line in entry.splitlines()
+                if "parameter(" not in line for dims in re.findall(r"= f32\[([\d,]*)\]", line)]
+    assert max(produced) <= k * d * f < e * d * f
+
+
 def test_auto_picks_gather_for_decode_sized_batches_and_blocked_on_cpu():
     assert gg.select_impl("auto", m=6, e=160, d=64, f=32) == "gather"  # B=1, top-6: reads 6/160 of the experts
     assert gg.select_impl("auto", m=2048, e=160, d=64, f=32) == "blocked"
