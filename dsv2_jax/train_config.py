@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,12 @@ class TrainConfig:
             fail("never_drop_every", f"must be a non-negative integer, got {self.never_drop_every!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             fail("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            fail("lr", f"must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", f"must be a finite positive number, got {self.lr!r}")
+        for f in ("decay_factor", "b1", "b2", "weight_decay", "clip_norm", "capacity_factor"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                fail(f, f"must be a finite non-negative number, got {v!r}")
         if self.remat not in REMAT_CHOICES:
             fail("remat", f"must be one of {REMAT_CHOICES}, got {self.remat!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -114,7 +119,8 @@ class TrainConfig:
                 raise ConfigError(f"{p}: invalid JSON ({e})") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"{p}: expected a JSON object")
-            if "vocab_size" in d:  # a model config, not a train config
+            if set(d) <= {f.name for f in dataclasses.fields(ModelConfig)}:  # a model config, not a train config
+                ModelConfig.from_json(p)  # fail early, naming the file
                 return cls(model=str(p))
             return cls.from_dict(d, source=str(p))
         ModelConfig.preset(spec)  # fail early on unknown names
