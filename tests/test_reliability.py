@@ -183,3 +183,152 @@ def test_config_files_name_missing_fields(tmp_path, capsys):
     assert rc == 0, err
     info = json.loads(cli.out)
     assert info["train"]["model"] == "tiny" and info["layers"] == ModelConfig.preset("tiny").num_hidden_layers
+
+
+# ---- 2, 3, 4, 7: training runs ------------------------------------------------------------------------------
+
+def run_config(**kw) -> TrainConfig:
+    return make_test_config(**{"steps": 2, "checkpoint_every": 1, **kw})
+
+
+def run(workdir, tc=None):
+    return train(tc or run_config(), workdir, dataset=synthetic_dataset(8, 16), progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step run with checkpoints 1 and 2 (copy it before changing it)."""
+    workdir = tmp_path_factory.mktemp("reliab_run") / "run"
+    assert run(workdir)["last_checkpoint"] == 2
+    return workdir
+
+
+def test_a_diverged_state_is_never_checkpointed(tmp_path):
+    with pytest.raises(ConfigError, match="'lr': must be a finite positive number, got inf"):
+        run_config().with_overrides(["lr=Infinity"])
+    # lr=1e9: step 1's loss (computed before its update) is finite, the parameters it leaves are not usable.
+    with pytest.raises(TrainingDiverged, match=r"at step 1; stopping\. Last good checkpoint: none"):
+        run(tmp_path, run_config(lr=1e9, warmup_steps=0))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("workdir_lock", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+lock = module.WorkdirLock(sys.argv[2])
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_one_run_per_workdir_and_a_dead_holder_does_not_block(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT / "dsv2_jax" / "workdir_lock.py"),
+                               str(workdir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        metrics = (workdir / "metrics.jsonl").read_text()
+        with pytest.raises(OSError, match=rf"{workdir}: in use by another dsv2 train \(pid {holder.pid} on "):
+            run(workdir)
+        assert (workdir / "metrics.jsonl").read_text() == metrics
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run(workdir)["start_step"] == 2  # the lock file is still there, its holder is not
+
+
+def test_model_change_on_resume_is_refused_but_train_settings_may_change(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    stored = (workdir / "dsv2_config.json").read_text()
+    tc = run_config()
+    changed = tc.replace(model_overrides={**tc.model_overrides, "num_experts_per_tok": 1, "rope_theta": 500.0})
+    with pytest.raises(ConfigError, match=r"different model \(num_experts_per_tok 2 -> 1; rope_theta 10000.0 -> 500.0\)"):
+        run(workdir, changed)
+    assert (workdir / "dsv2_config.json").read_text() == stored
+    assert run(workdir, tc.replace(log_every=2, keep_checkpoints=5))["start_step"] == 2
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(trained, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    data_files = sorted((workdir / "checkpoints" / "2" / "state" / "d").iterdir())
+    biggest = max(data_files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    capsys.readouterr()
+    summary = run(workdir, run_config(steps=1))  # steps=1: resuming needs no (slow to compile) train step
+    warning = capsys.readouterr().err
+    assert "warning: checkpoint step 2 does not restore" in warning and "resuming from step 1" in warning
+    assert summary["start_step"] == 1
+    assert (workdir / "checkpoints" / "2.corrupt").is_dir()  # kept for inspection, never deleted
+
+    (workdir / "checkpoints" / "1" / "data" / "process_0-of-1.json").write_text("")  # and now the only one left
+    with pytest.raises(CheckpointError, match=r"process_0-of-1.json: corrupt data iterator state.*no older one"):
+        run(workdir)
+
+
+# ---- 9. safetensors headers and mixed dtypes ----------------------------------------------------------------
+
+def _raw_safetensors(path: Path, entries: dict, data: bytes) -> None:
+    blob = json.dumps(entries).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+@pytest.mark.parametrize("offsets, needle", [
+    ({"a": [-8, 8], "b": [8, 24]}, "must be non-negative integers"),
+    ({"a": [0, 16], "b": [8, 24]}, "overlaps tensor 'a'"),
+    ({"a": [0, 16], "b": [16, 40]}, "runs past the end of the file"),
+    ({"a": [0, 16.0], "b": [16, 32]}, "must be non-negative integers"),
+])
+def test_bad_data_offsets_are_rejected(tmp_path, offsets, needle):
+    entries = {name: {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+               for name, (begin, end) in offsets.items()}
+    _raw_safetensors(tmp_path / "model.safetensors", entries, bytes(32))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '\w': .*{needle}"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+def test_a_mixed_dtype_checkpoint_needs_an_explicit_dtype(hf_v2, tmp_path, capsys):
+    src = SafetensorsCheckpoint(hf_v2[0])
+    tensors = {n: src.get(n) for n in src.names()}
+    tensors = {n: a if n.startswith("model.layers.0.") else a.astype(ml_dtypes.bfloat16) for n, a in tensors.items()}
+    mixed = tmp_path / "mixed"
+    shutil.copytree(hf_v2[0], mixed)
+    write_safetensors(mixed / "model.safetensors", [(n, a.dtype, a.shape) for n, a in tensors.items()],
+                      tensors.__getitem__)
+    rc, err = cli(capsys, "convert", mixed, tmp_path / "out", "--quiet")
+    assert rc == 2
+    one_error(err, "convert", str(mixed), "several dtypes", "BF16", "F32", "--dtype")
+    assert cli(capsys, "convert", mixed, tmp_path / "out", "--dtype", "bfloat16", "--quiet")[0] == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ---- 10. small inputs -----------------------------------------------------------------------------------------
+
+def test_generation_arguments_are_checked(hf_v2, tmp_path, capsys):
+    import dsv2_jax
+    from dsv2_jax.engine import DecodeEngine
+
+    base = ["generate", "--checkpoint", hf_v2[0], "--prompt-ids", "5,6,7,8,9", "--max-new-tokens", "6",
+            "--dtype", "float32", "--json"]
+    rc, err = cli(capsys, *base, "--top-k", "99999999999", "--temperature", "0.5")
+    assert rc == 0, err  # larger than the vocabulary: every token stays (as in transformers)
+    for flags, needle in ((["--seed", str(10**20)], "seed must be in [0, 4294967296)"),
+                          (["--top-k", "-1"], "top_k must be >= 0"),
+                          (["--temperature", "nan"], "temperature must be a finite number")):
+        rc, err = cli(capsys, *base, *flags)
+        assert rc == 2
+        one_error(err, "generate", needle)
+    model = dsv2_jax.load_model(hf_v2[0])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer, got 2.5"):
+        dsv2_jax.generate(model, [[5, 6]], 2.5)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_len {limit + 1} exceeds the model's max_position_embeddings"):
+        DecodeEngine(model, max_len=limit + 1)
+
+    rc, err = cli(capsys, "generate", "--checkpoint", hf_v2[0], "--prompt", "Hi", "--max-new-tokens", "6",
+                  "--dtype", "float32", "--json")
+    assert rc == 0 and any("no tokenizer.json" in ln and "byte" in ln for ln in err), err
