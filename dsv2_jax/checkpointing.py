@@ -3,6 +3,8 @@
 Layout: WORKDIR/checkpoints/<step>/{state,data}. Saves are asynchronous (the step loop continues while arrays are
 written) and atomic (Orbax writes to a temporary directory and renames), so a run killed mid-save resumes from
 the previous complete checkpoint. The data iterator's state is written per process by grain's handler.
+A newest checkpoint that does not restore (truncated files) is moved aside to `<step>.corrupt` and the run
+resumes from the newest one that does; the workdir is locked against a second run (workdir_lock.py).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class RunCheckpoints:
                 failed.append((step, one_line(e)))
                 continue
             for bad, why in failed:
-                aside = self.directory / f"{bad}.corrupt"
+                aside = _free_name(self.directory / f"{bad}.corrupt")
                 if jax.process_index() == 0:
                     os.replace(self.directory / str(bad), aside)
                 print(f"warning: checkpoint step {bad} does not restore ({why}); moved it to {aside} and resuming "
@@ -112,6 +114,15 @@ class RunCheckpoints:
     def _release(self) -> None:
         if self._lock is not None:
             self._lock.release()
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... whichever does not exist yet."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}.{k}")
+    return candidate
 
 
 def _check_data_state(step_dir: Path) -> None:

@@ -17,6 +17,7 @@ writer (pid, host, process start time); it is renamed into place only when compl
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -75,7 +76,7 @@ def _read_record(path: Path) -> dict | None:
 def remove_stale_temps(out: Path) -> list[Path]:
     """Removes `.NAME.*.tmp` directories beside `out` that this tool made and whose writer is gone."""
     removed = []
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
         rec = _read_record(tmp / WRITER_RECORD) if tmp.is_dir() and not tmp.is_symlink() else None
         if rec is not None and not writer_alive(rec):
             shutil.rmtree(tmp, ignore_errors=True)

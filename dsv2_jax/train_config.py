@@ -76,6 +76,8 @@ class TrainConfig:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
                 fail(f, f"must be a finite non-negative number, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            fail("seed", f"must be an integer in [0, 2**32), got {self.seed!r}")
         if self.remat not in REMAT_CHOICES:
             fail("remat", f"must be one of {REMAT_CHOICES}, got {self.remat!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
