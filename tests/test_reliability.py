@@ -261,6 +261,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(trained, tmp_path
     summary = run(workdir, run_config(steps=1))  # steps=1: resuming needs no (slow to compile) train step
     warning = capsys.readouterr().err
     assert "warning: checkpoint step 2 does not restore" in warning and "resuming from step 1" in warning
+    assert len(warning.strip().splitlines()) == 1 and "tensorstore_spec" not in warning
     assert summary["start_step"] == 1
     assert (workdir / "checkpoints" / "2.corrupt").is_dir()  # kept for inspection, never deleted
 
