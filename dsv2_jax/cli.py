@@ -1,6 +1,7 @@
 """`dsv2` command line: each subcommand lives in its own module, which defines `register(subparsers)`.
 
-Errors a user can fix (bad paths, bad configs, bad checkpoints) print one line and exit with status 2.
+Errors a user can fix (bad paths, bad configs, bad checkpoints) and OS errors (permissions, full disk) print one line
+and exit with status 2; Ctrl-C prints one line and exits with 130. Outputs are staged, so neither leaves partial files.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import sys
 
 from dsv2_jax.config import ConfigError
+from dsv2_jax.errors import one_line
 from dsv2_jax.safetensors_io import CheckpointError
 
 SUBCOMMAND_MODULES = [
@@ -33,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as e:
+        print(f"dsv2 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dsv2 {args.command}: interrupted; no partial output kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,6 +23,25 @@ class ConfigError(ValueError):
     """A config file or field is invalid; the message names it."""
 
 
+# Fields a config file must state: they fix the parameter shapes (HF and our JSON alike; an HF config.json from
+# transformers lists them all, with null where a feature is off, e.g. q_lora_rank for V2-Lite).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                "first_k_dense_replace")
+# A ModelConfig JSON must also state routing and positions (their defaults are DeepSeek-V2's, and silently
+# giving a small model V2's YaRN factor 40 or routing scale 16 is wrong); the rest have neutral defaults.
+MODEL_JSON_REQUIRED = (*SHAPE_FIELDS, "topk_method", "n_group", "topk_group", "norm_topk_prob",
+                       "routed_scaling_factor", "max_position_embeddings", "rope_theta", "rope_type")
+YARN_REQUIRED = ("rope_factor", "original_max_position_embeddings", "mscale", "mscale_all_dim")
+
+
+def require_fields(d: dict[str, Any], fields, source: str) -> None:
+    missing = [f for f in fields if f not in d]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {missing}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # Sizes.
@@ -187,7 +206,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
-        return dataclass_from_dict(cls, d, source, "config")
+        """A full config as `to_dict` / `to_json` write it; the fields in MODEL_JSON_REQUIRED must be present."""
+        required = MODEL_JSON_REQUIRED + (YARN_REQUIRED if d.get("rope_type") == "yarn" else ())
+        return dataclass_from_dict(cls, d, source, "config", required)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:
@@ -221,11 +242,13 @@ class ModelConfig:
         return cls(**_hf_fields(d, source), **overrides)
 
 
-def dataclass_from_dict(cls, d: dict[str, Any], source: str, what: str):
-    """cls(**d), refusing unknown keys with one line naming them (typos must not be silently ignored)."""
+def dataclass_from_dict(cls, d: dict[str, Any], source: str, what: str, required=()):
+    """cls(**d), refusing unknown keys and missing `required` ones with one line naming them (typos must not
+    be silently ignored, nor gaps silently filled with defaults)."""
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ConfigError(f"{source}: unknown {what} field(s) {unknown}")
+    require_fields(d, required, source)
     return cls(**d)
 
 
@@ -259,9 +282,8 @@ def _hf_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
     mt = d.get("model_type")
     if mt is not None and mt not in ("deepseek_v2", "deepseek"):
         raise ConfigError(f"{source}: model_type {mt!r} is not deepseek_v2")
+    require_fields(d, SHAPE_FIELDS, source)
     out: dict[str, Any] = {k: d[k] for k in _HF_COPY if d.get(k) is not None or k == "q_lora_rank"}
-    if "q_lora_rank" not in d:
-        out.pop("q_lora_rank")
     for k in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "n_shared_experts"):
         if d.get(k) is None and k in out:
             out.pop(k)

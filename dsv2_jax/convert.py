@@ -9,11 +9,10 @@ Outputs are built in a temporary directory beside the target and renamed into pl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +28,7 @@ from dsv2_jax.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names
 from dsv2_jax.model import DeepseekV2, abstract_model
 from dsv2_jax.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
                                param_name, restore_tree)
+from dsv2_jax.safe_output import staged_output
 from dsv2_jax.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
 from dsv2_jax.sharding import tree_shardings
 
@@ -39,6 +39,7 @@ MODEL_CONFIG_FILE = "dsv2_config.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+EXPORTED_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def is_orbax_dir(path: str | os.PathLike) -> bool:
@@ -59,28 +60,18 @@ def leaf_specs(cfg: ModelConfig, dtype) -> dict[tuple, LeafSpec]:
     return out
 
 
-@contextlib.contextmanager
-def staged_output(out_dir: str | os.PathLike, force: bool, source: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temporary directory beside `out_dir`, renamed to it on success and removed on any failure."""
-    out = Path(out_dir).absolute()
-    if out.resolve() == Path(source).resolve():
-        raise ValueError(f"{out}: output directory is the input directory")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
-    try:
-        yield tmp
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _converted_name(name: str) -> bool:
+    return name in (PARAMS_DIR, HF_CONFIG_FILE, MODEL_CONFIG_FILE, *SIDE_FILES)
+
+
+def _exported_name(name: str) -> bool:
+    return name in (HF_CONFIG_FILE, INDEX_FILE, *SIDE_FILES) or bool(EXPORTED_SHARD.fullmatch(name))
+
+
+def _converted_layout(path: Path) -> bool:
+    """A `dsv2 convert` output from before the ownership marker (an exported HF layout is not recognisable:
+    a downloaded checkpoint looks the same, so exports are replaced only when they carry the marker)."""
+    return (path / PARAMS_DIR / METADATA_FILE).is_file() and (path / MODEL_CONFIG_FILE).is_file()
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -106,17 +97,31 @@ def open_hf_checkpoint(hf_dir: str | os.PathLike) -> tuple[ModelConfig, Safetens
     return cfg, ckpt
 
 
+def _stored_dtype(ckpt: SafetensorsCheckpoint) -> np.dtype:
+    """The one dtype all tensors are stored in; a mixed checkpoint needs an explicit --dtype."""
+    by_dtype: dict[str, list[str]] = {}
+    for name in ckpt.names():
+        by_dtype.setdefault(ckpt.dtype_name(name), []).append(name)
+    if len(by_dtype) > 1:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_dtype.items()))
+        raise CheckpointError(f"{ckpt.directory}: tensors are stored in several dtypes ({counts}); pass --dtype "
+                              "(dtype=...) to convert them all to one explicitly")
+    return DTYPES[next(iter(by_dtype))]
+
+
 def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype=None, force: bool = False,
                         progress: bool = True) -> dict:
-    """HF DeepSeek-V2 directory → converted Orbax directory. `dtype` None keeps the checkpoint's own dtype.
+    """HF DeepSeek-V2 directory → converted Orbax directory. `dtype` None keeps the checkpoint's own dtype
+    (refused for a checkpoint stored in several dtypes: then every tensor is cast to the `dtype` given).
 
     Returns {"bytes_read", "dtype", "side_files"}.
     """
     hf_dir = Path(hf_dir)
     cfg, ckpt = open_hf_checkpoint(hf_dir)
-    dt = resolve_dtype(dtype) if dtype is not None else DTYPES[ckpt.dtype_name("model.embed_tokens.weight")]
+    dt = resolve_dtype(dtype) if dtype is not None else _stored_dtype(ckpt)
     total = sum(int(np.prod(s)) * DTYPES[ckpt.dtype_name(n)].itemsize for n, s in hf_tensor_shapes(cfg).items())
-    with staged_output(out_dir, force, hf_dir) as tmp, \
+    with staged_output(out_dir, force, hf_dir, kind="convert", allowed=_converted_name,
+                       layout=_converted_layout) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
         def get(name: str) -> np.ndarray:
             arr = ckpt.get(name)
@@ -215,7 +220,8 @@ def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, d
               [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))])
     total = sum(int(np.prod(shape)) * dt.itemsize for _, shape in layout)
     tensors = _hf_tensors(reader, cfg, dt)
-    with staged_output(hf_dir, force, ckpt_dir) as tmp, \
+    with staged_output(hf_dir, force, ckpt_dir, kind="export", allowed=_exported_name,
+                       layout=lambda _: False) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
         def get(name: str) -> np.ndarray:
             got, arr = next(tensors)

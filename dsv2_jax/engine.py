@@ -20,6 +20,7 @@ from dsv2_jax.decode import decode_step, prefill
 from dsv2_jax.latent_cache import LatentCache
 from dsv2_jax.model import DeepseekV2
 from dsv2_jax.sampling import sample
+from dsv2_jax.sampling_args import check_count, check_max_new_tokens, check_sampling
 
 MIN_BUCKET = 16
 
@@ -70,6 +71,10 @@ class DecodeEngine:
     def __init__(self, model: DeepseekV2, max_len: int | None = None, cache_dtype=jnp.bfloat16):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
+        if max_len is not None and check_count("max_len", max_len, 1) > self.config.max_position_embeddings:
+            # positions past max_position_embeddings are outside what the model (and its RoPE scaling) covers
+            raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
         self.max_len = max_len
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.stats = DecodeStats()
@@ -86,8 +91,7 @@ class DecodeEngine:
     def _check(self, prompts, max_new_tokens: int) -> int:
         """Validates the batch; returns the cache length to use."""
         cfg = self.config
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         if not prompts:
             raise ValueError("no prompts given")
         limit = self.max_len or cfg.max_position_embeddings
@@ -117,9 +121,10 @@ class DecodeEngine:
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                eos_id: int | None = None) -> Iterator[list[int | None]]:
         """Yields, per step, each sequence's new token (None once it has finished with eos_id)."""
+        temperature, top_k, top_p, seed = check_sampling(temperature, top_k, top_p, seed, self.config.vocab_size)
         tokens, lengths, cache = self.batch(prompts, max_new_tokens)
         b = len(prompts)
-        knobs = (jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
+        knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
         key = jax.random.key(seed)
         self.stats = DecodeStats(batch=b, prompt_bucket=tokens.shape[1], max_len=cache.max_len,
                                  cache_nbytes=cache.nbytes)

@@ -42,17 +42,28 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    spans = []
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
-            shape, dtype = tuple(int(s) for s in info["shape"]), info["dtype"]
+            shape, dtype = tuple(info["shape"]), info["dtype"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor '{name}': malformed header entry") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
+            raise CheckpointError(f"{path}: tensor '{name}': offsets {info['data_offsets']} and shape "
+                                  f"{info['shape']} must be non-negative integers")
         if end > data_size or begin > end:
             raise CheckpointError(f"{path}: tensor '{name}': data [{begin}, {end}) runs past the end of the file "
                                   f"({data_size} data bytes): file truncated or corrupt")
         if dtype in DTYPES and (end - begin) != int(np.prod(shape)) * DTYPES[dtype].itemsize:
             raise CheckpointError(f"{path}: tensor '{name}': {end - begin} bytes do not hold {dtype}{list(shape)}")
+        spans.append((begin, end, name))
+    reach, owner = 0, None  # the furthest byte any earlier tensor occupies, and whose it is
+    for begin, end, name in sorted(spans):
+        if begin < reach and end > begin:  # empty tensors occupy no bytes
+            raise CheckpointError(f"{path}: tensor '{name}': data [{begin}, {end}) overlaps tensor '{owner}'")
+        if end > reach:
+            reach, owner = end, name
     return header, 8 + n
 
 

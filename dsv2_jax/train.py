@@ -4,7 +4,8 @@
 
 A run resumes from the newest checkpoint in WORKDIR/checkpoints (train state + data iterator position), so
 "N steps, kill -9, rerun" reproduces the uninterrupted run's losses bit for bit on CPU. A non-finite loss stops
-the run with TrainingDiverged (so does a non-finite gradient norm); that state is never checkpointed.
+the run with TrainingDiverged (so does a non-finite gradient norm, or, at a checkpoint step, parameters that are
+non-finite or give a non-finite loss); that state is never checkpointed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from dsv2_jax.checkpointing import RunCheckpoints
 from dsv2_jax.config import ModelConfig
+from dsv2_jax.divergence import unsaveable
 from dsv2_jax.flops import peak_flops, train_flops_per_token
 from dsv2_jax.metrics_log import MetricsLog
 from dsv2_jax.sharding import batch_divisor, initialize_distributed, make_mesh, shard_batch
@@ -94,11 +96,10 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
     trainer = Trainer(tc, mesh, cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = RunCheckpoints(workdir, tc.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        state = checkpoints.restore(start, trainer.restore_target(), iterator)
-    else:
+    checkpoints = RunCheckpoints(workdir, tc.keep_checkpoints)  # one run per workdir: refuses if it is in use
+    checkpoints.check_model_config(cfg)
+    start, state = checkpoints.restore_latest(trainer.restore_target(), iterator)
+    if not start:
         state = trainer.init_state(tc.seed)
     if jax.process_index() == 0:
         _write_json(workdir / "train_config.json", tc.to_dict())
@@ -113,12 +114,16 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
         tick = time.perf_counter()
         for step in range(start + 1, tc.steps + 1):
             batch = next(iterator)
-            state, metrics = trainer.step(state, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh))
+            batch = shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh)
+            state, metrics = trainer.step(state, batch)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
             now = time.perf_counter()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = (f"loss ({loss})" if not math.isfinite(loss) else
+                    f"gradient norm ({grad_norm})" if not math.isfinite(grad_norm) else None)
+            if what is None and (step % tc.checkpoint_every == 0 or step == tc.steps):
+                what = unsaveable(trainer, state["params"], batch)  # checks what the checkpoint would hold
+            if what:
                 checkpoints.wait()
-                what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
                 raise TrainingDiverged(
                     f"non-finite {what} at step {step}; stopping. Last good checkpoint: "
                     + (f"step {last_saved} in {checkpoints.directory}" if last_saved else "none"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,14 @@ class TrainConfig:
             fail("never_drop_every", f"must be a non-negative integer, got {self.never_drop_every!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             fail("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            fail("lr", f"must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", f"must be a finite positive number, got {self.lr!r}")
+        for f in ("decay_factor", "b1", "b2", "weight_decay", "clip_norm", "capacity_factor"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                fail(f, f"must be a finite non-negative number, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            fail("seed", f"must be an integer in [0, 2**32), got {self.seed!r}")
         if self.remat not in REMAT_CHOICES:
             fail("remat", f"must be one of {REMAT_CHOICES}, got {self.remat!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

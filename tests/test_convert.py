@@ -50,8 +50,8 @@ def converted(hf_checkpoint, tmp_path_factory):
 
 def test_round_trip_is_bit_identical_fp32(converted, tmp_path):
     name, hf_dir, out, torch_model = converted
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dsv2_config.json", "generation_config.json",
-                                                      "params"]
+    assert sorted(p.name for p in out.iterdir()) == [".dsv2-output.json", "config.json", "dsv2_config.json",
+                                                      "generation_config.json", "params"]
     back = tmp_path / "back"
     assert cli("export", out, back, "--max-shard-size", "150KB") == 0
     assert_same_tensors(hf_dir, back)
@@ -191,12 +191,16 @@ def test_existing_output_needs_force(converted, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "already exists" in err and str(out) in err and "\n" not in err
     assert (out / "keep.txt").exists()
+    assert cli("convert", hf_dir, out, "--force") == 2  # --force replaces only what dsv2 wrote
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert cli("convert", hf_dir, out, "--force") == 0  # an empty directory holds nothing to lose
     assert cli("convert", hf_dir, out, "--force") == 0
-    assert (out / PARAMS_DIR).is_dir() and not (out / "keep.txt").exists()
+    assert (out / PARAMS_DIR).is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_failure_mid_write_leaves_nothing(hf_v2, tmp_path, monkeypatch):
+def test_failure_mid_write_leaves_nothing(hf_v2, tmp_path, monkeypatch, capsys):
     from dsv2_jax import orbax_io
 
     calls = []
@@ -209,8 +213,9 @@ def test_failure_mid_write_leaves_nothing(hf_v2, tmp_path, monkeypatch):
         return real_write(self, path, value, index)
 
     monkeypatch.setattr(orbax_io.OrbaxTreeWriter, "write", failing_write)
-    with pytest.raises(OSError, match="simulated"):
-        cli("convert", hf_v2[0], tmp_path / "out")
+    capsys.readouterr()
+    assert cli("convert", hf_v2[0], tmp_path / "out") == 2
+    assert capsys.readouterr().err.strip() == "dsv2 convert: error: disk full (simulated)"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -129,11 +129,12 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tc = make_test_config(lr=1e9, warmup_steps=0, steps=8, checkpoint_every=1)
-    with pytest.raises(TrainingDiverged, match=r"non-finite (loss|gradient norm) .* at step (\d+); stopping\. Last good") as e:
+    # Step 1's loss (computed before its update) is finite, but the parameters it leaves give a NaN loss: the
+    # state a checkpoint would hold is checked, so it is never saved as "the last good checkpoint".
+    with pytest.raises(TrainingDiverged, match=r"non-finite (parameters|loss of the updated parameters) .*at step 1; "
+                                               r"stopping\. Last good checkpoint: none"):
         train(tc, tmp_path, dataset=synthetic_dataset(8, 16), progress=False)
-    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
-    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < bad_step
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert all(np.isfinite(m["loss"]) for m in read_metrics(tmp_path))
 
 

@@ -58,7 +58,8 @@ def register(sub) -> None:
     p.add_argument("hf_dir", help="HF DeepSeek-V2 directory: config.json + *.safetensors")
     p.add_argument("out_dir", help="output directory (params/ Orbax tree, config.json, dsv2_config.json, tokenizer)")
     p.add_argument("--dtype", choices=dtypes, help="stored dtype (default: the checkpoint's own)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR if it is an earlier `dsv2 convert` output (nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)
 
@@ -67,6 +68,7 @@ def register(sub) -> None:
     p.add_argument("hf_dir", help="output HF directory")
     p.add_argument("--dtype", choices=dtypes, help="exported dtype (default: the stored one)")
     p.add_argument("--max-shard-size", default="5GB", help="split safetensors files above this size (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace HF_DIR if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace HF_DIR if it is an earlier `dsv2 export` output (nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_export)

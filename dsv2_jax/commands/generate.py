@@ -21,17 +21,24 @@ def parse_ids(text: str) -> list[int]:
 def load_text_tokenizer(checkpoint: Path):
     from dsv2_jax.tokenizer import load_tokenizer
 
-    return load_tokenizer(checkpoint if (checkpoint / "tokenizer.json").is_file() else None)
+    if (checkpoint / "tokenizer.json").is_file():
+        return load_tokenizer(checkpoint)
+    print(f"dsv2 generate: note: no tokenizer.json in {checkpoint}; text is read and written as UTF-8 byte ids "
+          "(0-255)", file=sys.stderr)
+    return load_tokenizer(None)
 
 
 def run(args) -> int:
     from dsv2_jax import load_model
     from dsv2_jax.engine import DecodeEngine
+    from dsv2_jax.sampling_args import check_max_new_tokens, check_sampling
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     needs_text = args.prompt is not None or not args.json
+    check_max_new_tokens(args.max_new_tokens)  # bad sampling arguments fail before the model is loaded
+    check_sampling(args.temperature, args.top_k, args.top_p, args.seed, vocab_size=1)  # (the engine clamps top_k)
     tokenizer = load_text_tokenizer(checkpoint) if needs_text else None
     mesh = None
     if args.mesh:

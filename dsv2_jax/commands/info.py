@@ -5,19 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dsv2_jax.config import ModelConfig
+from dsv2_jax.config import ConfigError, ModelConfig
 
 
 def resolve_config(spec: str) -> ModelConfig:
-    """A preset name, a ModelConfig JSON file, a converted / training directory, or an HF directory."""
+    """A preset name, a ModelConfig or train config JSON file, a converted / training directory, or an HF
+    directory."""
     p = Path(spec)
     if (p / "dsv2_config.json").is_file():
         return ModelConfig.from_json(p / "dsv2_config.json")
     if p.is_dir() or p.name == "config.json":
         return ModelConfig.from_hf(p)
-    if p.suffix == ".json":
-        return ModelConfig.from_json(p)
-    return ModelConfig.preset(spec)
+    if p.suffix == ".json" or len(p.parts) > 1:
+        if not p.exists():
+            raise ConfigError(f"{p}: no such file or directory")
+        return load_train_config(spec).model_config()  # a model config JSON loads as a train config of it
+    try:
+        return ModelConfig.preset(spec)
+    except ConfigError as e:
+        raise ConfigError(f"{spec}: no such file or directory, and {e}") from None
+
+
+def load_train_config(spec: str):
+    from dsv2_jax.train_config import TrainConfig
+
+    return TrainConfig.load(spec)
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -44,11 +56,17 @@ def run(args) -> int:
             "layers": cfg.num_hidden_layers, "moe_layers": cfg.num_moe_layers,
             "latent_cache_elems_per_token": cfg.latent_cache_dim * cfg.num_hidden_layers,
             "mha_cache_elems_per_token": 2 * cfg.num_attention_heads * cfg.v_head_dim * cfg.num_hidden_layers}
+    if args.config.endswith(".json") and Path(args.config).is_file():
+        tc = load_train_config(args.config)
+        if tc.model != args.config:  # a train config: what one run of it processes
+            info["train"] = {"model": tc.model, "steps": tc.steps, "seq_len": tc.seq_len,
+                             "global_batch": tc.global_batch, "tokens": tc.steps * tc.seq_len * tc.global_batch}
     print(json.dumps(info, indent=2))
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and KV-cache size of a config")
-    p.add_argument("config", help="preset name (tiny, deepseek-v2, deepseek-v2-lite), config JSON or HF dir")
+    p.add_argument("config", help="preset name (tiny, deepseek-v2, deepseek-v2-lite), model or train config JSON, "
+                                  "HF dir, `dsv2 convert` output or `dsv2 train` workdir")
     p.set_defaults(func=run)
