@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsv2_jax.attention_backend import IMPLS as ATTENTION_IMPLS
+
 # Presets: configs/ of a source checkout, or the copy a wheel installs as dsv2_jax/configs/.
 CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
                                 Path(__file__).resolve().parent / "configs") if d.is_dir()),
                    Path(__file__).resolve().parent / "configs")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 MOE_IMPLS = ("reference", "ragged")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 class ConfigError(ValueError):
