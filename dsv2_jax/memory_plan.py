@@ -7,8 +7,8 @@ Everything is derived from JAX's own abstract evaluation, on an AbstractMesh (no
     shard: fp32 master weights, AdamW's two moments;
   * gradients: one fp32 copy of the parameters, sharded like them;
   * activations: the residuals the backward pass keeps under the remat policy (traced with jax.vjp on one
-    device's share of the batch), plus, when layers are rematerialised, the intermediates of the one layer
-    being recomputed; tensor-parallel splits of activations are not subtracted (an upper bound when tensor > 1);
+    device's share of the batch), plus the working set of the one layer being differentiated
+    (LAYER_COPIES); tensor-parallel splits of activations are not subtracted (an upper bound when tensor > 1);
   * cache: the decode-time latent cache (c_KV + k_rope per token per layer) for `batch` rows of `seq_len`.
 """
 
@@ -79,9 +79,9 @@ def residual_bytes(f, *args) -> int:
     return total
 
 
-def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int, remat: str, compute_dtype) -> int:
-    """Saved residuals of the loss on `local_batch` rows (one device's share), plus one layer's intermediates
-    while it is recomputed (remat != "none")."""
+def activation_parts(cfg: ModelConfig, local_batch: int, seq_len: int, remat: str, compute_dtype) -> tuple[int, int]:
+    """(residuals the loss's backward keeps on `local_batch` rows under the remat policy, the largest layer's
+    intermediates when nothing is rematerialised)."""
     from dsv2_jax.losses import cross_entropy
 
     graphdef, state = nnx.split(abstract_model(cfg, compute_dtype))
@@ -92,22 +92,32 @@ def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int, remat: st
         model: DeepseekV2 = nnx.merge(graphdef, state)
         return cross_entropy(model(ids, remat=remat), ids, jnp.ones(ids.shape, jnp.float32))
 
-    total = residual_bytes(loss, state, ids)
-    if remat != "none":  # the layer being differentiated is recomputed with all its intermediates live
-        x = jax.ShapeDtypeStruct((local_batch, seq_len, cfg.hidden_size), compute_dtype)
-        cos, sin = rope_tables(cfg, jnp.zeros((local_batch, seq_len), jnp.int32))
-        per_layer = []
-        for group, _ in nnx.merge(graphdef, state).layer_groups():
-            g_def, g_state = nnx.split(group)
-            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype), g_state)
+    x = jax.ShapeDtypeStruct((local_batch, seq_len, cfg.hidden_size), compute_dtype)
+    cos, sin = rope_tables(cfg, jnp.zeros((local_batch, seq_len), jnp.int32))
+    per_layer = []
+    for group, _ in nnx.merge(graphdef, state).layer_groups():
+        g_def, g_state = nnx.split(group)
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype), g_state)
 
-            def run(s, h, g_def=g_def):
-                out, _ = scan_layers(nnx.merge(g_def, s), h, lambda layer, y, _: layer(y, cos, sin))
-                return out.astype(jnp.float32).sum()
+        def run(s, h, g_def=g_def):
+            out, _ = scan_layers(nnx.merge(g_def, s), h, lambda layer, y, _: layer(y, cos, sin))
+            return out.astype(jnp.float32).sum()
 
-            per_layer.append(residual_bytes(run, one, x))
-        total += max(per_layer)
-    return total
+        per_layer.append(residual_bytes(run, one, x))
+    return residual_bytes(loss, state, ids), max(per_layer)
+
+
+# Live copies of one layer's intermediates while it is differentiated: its cotangents when nothing is
+# rematerialised; with remat, also the recomputed intermediates and the recompute's own temporaries (2.5 is
+# measured against XLA's memory analysis, tests/test_memory_plan.py).
+LAYER_COPIES = {"none": 1.0, "dots": 2.5, "full": 2.5}
+
+
+def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int, remat: str, compute_dtype) -> int:
+    """Peak activation bytes of one device's backward pass: the saved residuals plus the layer being
+    differentiated (LAYER_COPIES of its intermediates)."""
+    saved, layer = activation_parts(cfg, local_batch, seq_len, remat, compute_dtype)
+    return int(saved + LAYER_COPIES[remat] * layer)
 
 
 def memory_plan(cfg: ModelConfig, mesh: str | dict | None, seq_len: int, batch: int, remat: str = "none",

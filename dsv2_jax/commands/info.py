@@ -44,6 +44,12 @@ def run(args) -> int:
             "layers": cfg.num_hidden_layers, "moe_layers": cfg.num_moe_layers,
             "latent_cache_elems_per_token": cfg.latent_cache_dim * cfg.num_hidden_layers,
             "mha_cache_elems_per_token": 2 * cfg.num_attention_heads * cfg.v_head_dim * cfg.num_hidden_layers}
+    if args.mesh is not None or args.seq_len is not None or args.batch is not None:
+        from dsv2_jax.memory_plan import memory_plan
+
+        info["memory_per_device_bytes"] = {
+            remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat).as_dict()
+            for remat in args.remat}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -51,4 +57,9 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and KV-cache size of a config")
     p.add_argument("config", help="preset name (tiny, deepseek-v2, deepseek-v2-lite), config JSON or HF dir")
+    p.add_argument("--mesh", help="plan per-device memory on this mesh, e.g. 'fsdp=8,expert=8' (no devices needed)")
+    p.add_argument("--seq-len", type=int, help="training / cache sequence length for the memory plan (4096)")
+    p.add_argument("--batch", type=int, help="global batch for the memory plan (1)")
+    p.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=["none", "dots", "full"],
+                   help="remat policies to plan activations for")
     p.set_defaults(func=run)
