@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsv2_jax.attention_backend import IMPLS as ATTENTION_IMPLS
+
 # Presets: configs/ of a source checkout, or the copy a wheel installs as dsv2_jax/configs/.
 CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
                                 Path(__file__).resolve().parent / "configs") if d.is_dir()),
@@ -16,7 +18,6 @@ CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "config
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 MOE_IMPLS = ("reference", "ragged")
 GROUPED_GEMM_IMPLS = ("auto", "blocked", "gather", "tokamax", "ragged_dot")  # see grouped_gemm.py
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 class ConfigError(ValueError):

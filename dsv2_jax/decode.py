@@ -29,7 +29,7 @@ def prefill(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray, lengths:
     token_mask = positions < lengths[:, None]
 
     def step(layer, x, _):
-        a, latents = layer.attn.attend_sequence(layer.attn_norm(x), cos, sin)
+        a, latents = layer.attn.attend_sequence(layer.attn_norm(x), cos, sin, phase="prefill")
         h, _ = layer.feed_forward(x + a, token_mask)
         return h, latents
 

@@ -35,6 +35,10 @@ def cast_params(params, dtype):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def _abstract(mesh):
+    return mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+
+
 class Trainer:
     """Builds the optimiser, shardings and the compiled step for one (TrainConfig, mesh)."""
 
@@ -76,9 +80,10 @@ class Trainer:
 
     def loss(self, params, batch) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         model = nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
-        logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                              token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat,
-                              experts_fn=self.experts_fn)
+        with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):  # attention kernels run per shard (shard_map)
+            logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                  token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat,
+                                  experts_fn=self.experts_fn)
         ce = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         aux, terms = balance_loss(stats, self.cfg)
         metrics = {"ce_loss": ce, "aux_loss": aux, **terms}
@@ -90,7 +95,9 @@ class Trainer:
     def _eval_step(self, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
         """(summed next-token NLL, number of scored tokens) of one batch: no balance losses, no token dropping."""
         model = nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], experts_fn=self.eval_experts_fn)
+        with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):
+            logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                           experts_fn=self.eval_experts_fn)
         tokens = batch["loss_mask"].sum()
         return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * tokens, tokens
 

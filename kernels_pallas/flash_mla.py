@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import resolve_backend
+from kernels_pallas.backends import resolve_backend
 from kernels_pallas.reference import MASK_VALUE, mla_attention_reference, online_softmax_update
 
 _NT = (((1,), (1,)), ((), ()))  # a [M,D] x b [N,D] -> [M,N]
@@ -257,11 +257,14 @@ def flash_mla_attention(q, k, v, *, scale, segment_ids=None, causal=True, block_
     """Flash attention; q,k [B,T,H,Dqk], v [B,T,H,Dv] -> o [B,T,H,Dv] (q dtype).
 
     segment_ids [B,T] int32 (>= 0) restricts attention to equal ids. Differentiable
-    w.r.t. q, k, v. backend: "auto" | "interpret" | "mosaic_tpu" | "xla";
-    "mosaic_gpu" has no prefill kernel yet and uses the XLA reference.
+    w.r.t. q, k, v. backend: "auto" | "interpret" | "mosaic_tpu" | "xla" (the
+    reference). GPUs run tokamax's flash attention instead (dsv2_jax.attention_backend).
     """
     backend = resolve_backend(backend)
-    if backend in ("xla", "mosaic_gpu"):
+    if backend == "mosaic_gpu":
+        raise ValueError("flash_mla_attention has no Mosaic GPU kernel; on GPU use tokamax's flash attention "
+                         "(dsv2_jax.attention_backend.tokamax_attention)")
+    if backend == "xla":
         return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids, causal=causal)
     b, t = q.shape[:2]
     bq = block_q or (128 if backend == "mosaic_tpu" else 64)

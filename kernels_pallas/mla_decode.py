@@ -15,7 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import resolve_backend
+from kernels_pallas.backends import resolve_backend
 from kernels_pallas.reference import MASK_VALUE, mla_decode_reference, online_softmax_update
 
 _NT = (((1,), (1,)), ((), ()))  # contract last dims: q [H,D] x k [N,D] -> [H,N]
@@ -251,6 +251,19 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, nu
     return o[:, :h], lse[:, :h]
 
 
+def _default_block(backend: str) -> int:
+    return {"mosaic_tpu": 128}.get(backend, 64)
+
+
+def decode_supported(backend: str, q_dtype, cache_dtype, max_len: int, block_t: int | None = None) -> bool:
+    """Whether `backend` decodes this query / cache: the Hopper kernel (WGMMA, no tail masking of partial
+    blocks) needs one 16-bit dtype for both and a cache of whole blocks; the others take anything."""
+    if backend != "mosaic_gpu":
+        return True
+    return (jnp.dtype(q_dtype) == jnp.dtype(cache_dtype) and jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16)
+            and max_len % (block_t or _default_block(backend)) == 0)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "block_t", "num_splits", "backend"))
 def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, layer=None, block_t=None, num_splits=None, backend="auto"):
     """Absorbed-MLA decode attention over the latent cache.
@@ -262,7 +275,8 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, layer=None, block_t
     Returns (o_lat [B,H,C] in q dtype, lse [B,H] fp32).
     block_t: cache rows per block. num_splits: T-splits (split-K); None picks
     enough to fill the device. backend: "auto" | "interpret" | "mosaic_tpu" |
-    "mosaic_gpu" | "xla" (pure-JAX reference).
+    "mosaic_gpu" | "xla" (pure-JAX reference); "mosaic_gpu" raises ValueError for
+    a cache `decode_supported` rejects.
     """
     backend = resolve_backend(backend)
     if layer is None:
@@ -270,11 +284,12 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, layer=None, block_t
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     t = ckv.shape[2]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
-    block_t = block_t or {"mosaic_tpu": 128}.get(backend, 64)
-    if backend == "xla" or (
-        backend == "mosaic_gpu" and (q_lat.dtype not in (jnp.bfloat16, jnp.float16) or t % block_t)
-    ):
-        # The Hopper kernel needs a 16-bit cache in whole blocks; anything else takes the XLA path.
+    block_t = block_t or _default_block(backend)
+    if not decode_supported(backend, q_lat.dtype, ckv.dtype, t, block_t):
+        raise ValueError(f"mla_decode backend {backend!r} needs q and cache in one 16-bit dtype and whole "
+                         f"{block_t}-row blocks, got {q_lat.dtype} / {ckv.dtype} with {t} rows "
+                         "(dsv2_jax.attention_backend decodes these with 'xla')")
+    if backend == "xla":
         pick = lambda a: lax.dynamic_index_in_dim(a, layer[0], 0, keepdims=False)
         return mla_decode_reference(q_lat, q_rope, pick(ckv), pick(krope), lengths, scale=scale)
     n_blocks = pl.cdiv(t, block_t)

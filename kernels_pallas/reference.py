@@ -28,11 +28,26 @@ def online_softmax_update(s, m_prev, l_prev, acc_prev, v):
     return m_new, l_new, alpha * acc_prev + pv
 
 
+def attention_mask(length, segment_ids=None, causal=True):
+    """[B|1, 1, T, T] bool: key visible to query (causal, and equal segment ids for packed rows)."""
+    idx = jnp.arange(length)
+    mask = (idx[:, None] >= idx[None, :] if causal else jnp.ones((length, length), bool))[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
+
+
+def masked_softmax(scores, mask):
+    """softmax over the last axis of fp32 scores where mask holds (masked entries get MASK_VALUE)."""
+    return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+
+
 def mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, *, scale):
     """Absorbed-MLA decode: one query token per sequence over the latent cache.
 
-    q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32.
-    Returns o_lat [B,H,C] (q dtype) and lse [B,H] fp32.
+    q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32 (>= 1).
+    Returns o_lat [B,H,C] (q dtype) and lse [B,H] fp32. Like the kernels, the probabilities meet the cache
+    at its own dtype with fp32 accumulation (so an XLA decode step never upcasts the cache).
     """
     f32 = jnp.float32
     s = jnp.einsum("bhc,btc->bht", q_lat, ckv, preferred_element_type=f32) + jnp.einsum(
@@ -40,10 +55,10 @@ def mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, *, scale):
     )
     s = s * scale
     valid = jnp.arange(ckv.shape[1])[None, None, :] < lengths[:, None, None]
-    s = jnp.where(valid, s, -jnp.inf)
+    s = jnp.where(valid, s, MASK_VALUE)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(s - lse[..., None])
-    o = jnp.einsum("bht,btc->bhc", p, ckv.astype(f32))
+    o = jnp.einsum("bht,btc->bhc", p.astype(ckv.dtype), ckv, preferred_element_type=f32)
     return o.astype(q_lat.dtype), lse
 
 
@@ -54,13 +69,6 @@ def mla_attention_reference(q, k, v, *, scale, segment_ids=None, causal=True):
     """
     f32 = jnp.float32
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
-    t = q.shape[1]
-    mask = jnp.ones((1, 1, t, t), bool)
-    if causal:
-        mask = jnp.tril(mask)
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    s = jnp.where(mask, s, MASK_VALUE)
-    p = jax.nn.softmax(s, axis=-1)
+    p = masked_softmax(s, attention_mask(q.shape[1], segment_ids, causal))
     o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32))
     return o.astype(q.dtype)

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, PartitionSpec
 from dsv2_jax import generate, load_model
 from dsv2_jax.engine import DecodeEngine, decode_and_sample, prefill_and_sample
 from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.mla import causal_segment_mask
+from kernels_pallas.reference import attention_mask
 from dsv2_jax.model import init_model
 from dsv2_jax.rope import rope_tables
 from dsv2_jax.sampling import sample
@@ -100,7 +100,7 @@ def test_absorbed_decode_equals_expanded_attention(case):
         one = lambda a: a[rows, lengths][:, None]  # noqa: E731
         out, new_ckv, _ = attn.decode(one(x), one(cos), one(sin), ckv[None], krope[None], 0, lengths)
         q_nope, q_rope = attn.queries(x, cos, sin)
-        mask = causal_segment_mask(None, b, s)
+        mask = attention_mask(s)
         return (out[:, 0], attn(x, cos, sin)[rows, lengths], new_ckv, ckv,
                 attn.attend_absorbed(q_nope, q_rope, ckv, krope, mask),
                 attn.attend_expanded(q_nope, q_rope, ckv, krope, mask))

@@ -12,7 +12,8 @@ from flax import nnx
 
 import dsv2_jax
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.mla import causal_segment_mask, pallas_backend
+from dsv2_jax.attention_backend import current_platform, select
+from kernels_pallas.reference import attention_mask
 from dsv2_jax.model import init_model
 from tests.conftest import V2_STYLE, make_hf_checkpoint
 
@@ -83,7 +84,7 @@ def test_packed_segments_equal_separate_sequences():
     alone = [np.asarray(model(jnp.asarray(x, jnp.int32))) for x in (a, b)]
     assert np.abs(out[:, :13] - alone[0]).max() < 1e-5
     assert np.abs(out[:, 13:] - alone[1]).max() < 1e-5
-    mask = causal_segment_mask(segments, 1, 32)
+    mask = attention_mask(32, segments)
     assert not bool(mask[0, 0, 13, 12]) and bool(mask[0, 0, 14, 13])
 
 
@@ -110,6 +111,6 @@ def test_pallas_attention_matches_xla(hf_v2):
     ids = jnp.asarray(token_batch(V2_STYLE["vocab_size"], batch=1, length=70, seed=4), jnp.int32)
     xla = np.asarray(dsv2_jax.load_model(path, attention_impl="xla")(ids))
     model = dsv2_jax.load_model(path, attention_impl="pallas")
-    assert pallas_backend(model.config) == "interpret"
+    assert select(model.config.attention_impl, current_platform(), "train") == "interpret"
     pallas = np.asarray(model(ids))
     assert np.abs(pallas - xla).max() <= 1e-4

@@ -23,7 +23,7 @@ from flax import nnx
 from dsv2_jax import DecodeEngine, ModelConfig, load_model
 from dsv2_jax.engine import decode_and_sample
 from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.mla import masked_softmax
+from kernels_pallas.reference import masked_softmax
 from dsv2_jax.model import scan_layers
 from dsv2_jax.rope import rope_tables
 

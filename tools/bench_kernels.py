@@ -1,7 +1,8 @@
 """Benchmark the MLA Pallas kernels against the pure-JAX (XLA) references.
 
 Decode: effective HBM bandwidth (latent-cache bytes read / time) and speedup
-over the reference. Prefill: TFLOP/s of the forward and of forward+backward.
+over the reference. Prefill: TFLOP/s of the forward and of forward+backward
+(GPU: tokamax's Mosaic GPU flash attention, as dsv2_jax.attention_backend uses).
 Prints a table; --out appends one JSON object per row. `--small` runs tiny
 shapes (in Pallas interpret mode on CPU) so the script is exercised in CI.
 
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dsv2_jax.attention_backend import tokamax_attention
 from kernels_pallas import default_backend, flash_mla_attention, mla_decode
 from kernels_pallas.reference import mla_attention_reference, mla_decode_reference
 
@@ -67,13 +69,20 @@ def bench_decode(b, h, t, backend, dtype, warmup, iters, c=C, r=R):
     )
 
 
+def _flash(q, k, v, scale, backend):
+    """The training/prefill flash core attention_backend picks: tokamax's Mosaic GPU kernel on GPU, ours else."""
+    if backend == "mosaic_gpu":
+        return tokamax_attention(q, k, v, None, scale)
+    return flash_mla_attention(q, k, v, scale=scale, backend=backend)
+
+
 def bench_prefill(b, h, t, backend, dtype, warmup, iters, dqk=DQK, dv=DV):
     ks = jax.random.split(jax.random.PRNGKey(1), 4)
     q, k = _normal(ks[0], (b, t, h, dqk), dtype), _normal(ks[1], (b, t, h, dqk), dtype)
     v, do = _normal(ks[2], (b, t, h, dv), dtype), _normal(ks[3], (b, t, h, dv), dtype)
     scale = dqk**-0.5
     fns = {
-        "kernel": lambda q, k, v: flash_mla_attention(q, k, v, scale=scale, backend=backend),
+        "kernel": lambda q, k, v: _flash(q, k, v, scale, backend),
         "xla": lambda q, k, v: mla_attention_reference(q, k, v, scale=scale),
     }
     # Causal: half of the T x T score matrix. Backward = recompute S, dP, dV, dK, dQ.
@@ -103,6 +112,7 @@ def main():
     p.add_argument("--which", choices=["decode", "prefill", "all"], default="all")
     p.add_argument("--backend", default="auto", help="kernel backend; on CPU 'auto' means interpret")
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer decode shapes (device_check.sh)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", help="append JSON lines here")
@@ -118,6 +128,8 @@ def main():
         a.warmup, a.iters = 1, 2
     else:
         decode_cfgs = [dict(b=b, h=h, t=t) for h, b, t in itertools.product((128, 16), (1, 8, 64), (1024, 4096, 16384))]
+        if a.quick:  # the curve over context at the serving batch, and the batch extremes at long context
+            decode_cfgs = [c for c in decode_cfgs if c["b"] == 8 or c["t"] == 16384]
         # Bounded by the XLA reference, which materialises [B, H, T, T] fp32 scores.
         prefill_cfgs = [
             dict(b=1, h=128, t=2048),

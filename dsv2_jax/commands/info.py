@@ -61,12 +61,23 @@ def run(args) -> int:
         if tc.model != args.config:  # a train config: what one run of it processes
             info["train"] = {"model": tc.model, "steps": tc.steps, "seq_len": tc.seq_len,
                              "global_batch": tc.global_batch, "tokens": tc.steps * tc.seq_len * tc.global_batch}
+    if args.mesh is not None or args.seq_len is not None or args.batch is not None:
+        from dsv2_jax.memory_plan import memory_plan
+
+        info["memory_per_device_bytes"] = {
+            remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat).as_dict()
+            for remat in args.remat}
     print(json.dumps(info, indent=2))
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="parameter counts and KV-cache size of a config")
+    p = sub.add_parser("info", help="parameter counts, KV-cache size and per-device memory plan of a config")
     p.add_argument("config", help="preset name (tiny, deepseek-v2, deepseek-v2-lite), model or train config JSON, "
                                   "HF dir, `dsv2 convert` output or `dsv2 train` workdir")
+    p.add_argument("--mesh", help="plan per-device memory on this mesh, e.g. 'fsdp=8,expert=8' (no devices needed)")
+    p.add_argument("--seq-len", type=int, help="training / cache sequence length for the memory plan (4096)")
+    p.add_argument("--batch", type=int, help="global batch for the memory plan (1)")
+    p.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=["none", "dots", "full"],
+                   help="remat policies to plan activations for")
     p.set_defaults(func=run)
