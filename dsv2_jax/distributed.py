@@ -23,13 +23,13 @@ import threading
 import time
 
 import jax
-import numpy as np
 from jax._src import distributed as _jax_distributed  # the client, for its key-value store (as Orbax)
 
 ENV_VARS = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
             "process_id": "JAX_PROCESS_ID"}
 FLAGS = {"coordinator": "--coordinator HOST:PORT", "num_processes": "--num-processes N",
          "process_id": "--process-id I"}
+WHAT = {"coordinator": "coordinator address", "num_processes": "number of processes", "process_id": "process id"}
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 EXIT_PEER_LOST = 4
 _KEY = "dsv2_jax/"  # our keys in the coordination service's key-value store
@@ -48,7 +48,7 @@ def _from_env(name: str, value, parse):
     try:
         return parse(raw)
     except ValueError:
-        raise DistributedError(f"{ENV_VARS[name]}={raw!r} is not a valid {name.replace('_', ' ')}") from None
+        raise DistributedError(f"{ENV_VARS[name]}={raw!r} is not a valid {WHAT[name]}") from None
 
 
 def resolve(coordinator: str | None = None, num_processes: int | None = None,
@@ -91,10 +91,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise DistributedError(
             "multi-host: no TPU / SLURM / MPI environment detected, so set "
             + ", ".join(f"{ENV_VARS[n]} (or {FLAGS[n]})" for n in missing) + " on every process") from None
-    except Exception as e:  # XlaRuntimeError: a peer never joined, the coordinator is unreachable, ...
+    except Exception as e:  # a peer never joined within init_timeout, the coordinator is unreachable, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(f"could not join the other processes via coordinator "
-                               f"{coordinator or '(auto-detected)'} within {init_timeout} s: {first}") from None
+        raise DistributedError(f"joining the other processes (coordinator {coordinator or 'auto-detected'}) "
+                               f"failed: {first}") from None
     if jax.process_count() > 1:
         _Watchdog(_jax_distributed.global_state.client, heartbeat_timeout, label).start()
 
@@ -122,16 +122,34 @@ def initialize_from_args(args, label: str) -> bool:
     return wanted
 
 
+def barrier(name: str, timeout: float = 3600) -> None:
+    """Waits until every process arrives at barrier `name` (the coordination service's, not a device collective,
+    so it tolerates any skew up to `timeout`; a process that dies meanwhile is caught by the watchdog)."""
+    if jax.process_count() > 1:
+        _jax_distributed.global_state.client.wait_at_barrier(_KEY + name, int(timeout * 1000))
+
+
+def compile_together(jitted, *args) -> None:
+    """Compiles `jitted` for `args` (arrays or ShapeDtypeStructs), then waits for the other processes, so their
+    first collectives start together: gloo (the CPU collectives) gives up when processes arrive 30 s apart, as
+    they can when one compiles slower. Later calls with matching arguments reuse the executable."""
+    if jax.process_count() > 1:
+        jitted.lower(*args).compile()
+        barrier(f"compiled/{getattr(jitted, '__name__', 'fn')}")
+
+
 def same_on_all_processes(value: int, what: str, hint: str = "") -> int:
-    """`value` after checking every process computed the same one (a resume step, a data size, ...)."""
+    """`value` after checking every process computed the same one (a resume step, ...), through the
+    coordination service's key-value store."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
-    values = [int(v) for v in multihost_utils.process_allgather(np.int32(value))]
-    if len(set(values)) > 1:
+    client, key = _jax_distributed.global_state.client, f"{_KEY}agree/{what}/"
+    client.key_value_set(f"{key}{jax.process_index()}", str(int(value)), allow_overwrite=True)
+    barrier(f"agree/{what}")
+    values = {int(k.rsplit("/", 1)[-1]): int(v) for k, v in client.key_value_dir_get(key)}
+    if len(set(values.values())) > 1:
         raise DistributedError(f"processes disagree on {what}: " + ", ".join(
-            f"process {i}: {v}" for i, v in enumerate(values)) + (f" ({hint})" if hint else ""))
+            f"process {i}: {v}" for i, v in sorted(values.items())) + (f" ({hint})" if hint else ""))
     return value
 
 

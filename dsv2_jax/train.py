@@ -112,6 +112,9 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
     peak = peak_flops(jax.devices()[0])
     tokens = tc.global_batch * tc.seq_len
     losses, speeds, last_saved = [], [], start or None
+    distributed.compile_together(trainer.step, state, {  # multi-host: start the first step together
+        k: jax.ShapeDtypeStruct((tc.global_batch, tc.seq_len), np.float32 if k == "loss_mask" else np.int32,
+                                sharding=trainer.batch_sharding) for k in BATCH_KEYS})
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or not distributed.is_primary(),
                dynamic_ncols=True)
     try:
