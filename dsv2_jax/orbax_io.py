@@ -145,11 +145,12 @@ def restore_tree(directory: str | Path, target: dict) -> dict:
 
 
 def abstract_targets(abstract_state, shardings: Mapping | None = None) -> dict:
-    """Pure dict of ShapeDtypeStruct for restore; leaves without a given sharding go to the first device."""
+    """Pure dict of ShapeDtypeStruct for restore; leaves without a given sharding go to this process's first
+    device."""
     from flax import nnx
 
     shapes = nnx.to_pure_dict(abstract_state)
     flat_shard = flatten(shardings) if shardings is not None else {}
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return unflatten({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_shard.get(p, one_device))
                       for p, s in flatten(shapes).items()})

@@ -72,12 +72,6 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """Multi-host (TPU pod / multi-node GPU): one process per host, coordinator from the environment."""
-    if enabled:
-        jax.distributed.initialize()
-
-
 def logical_to_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     """PartitionSpec for one parameter; a dimension not divisible by its mesh axis stays replicated."""
     out = []

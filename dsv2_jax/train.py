@@ -27,7 +27,8 @@ from dsv2_jax.config import ModelConfig
 from dsv2_jax.divergence import unsaveable
 from dsv2_jax.flops import peak_flops, train_flops_per_token
 from dsv2_jax.metrics_log import MetricsLog
-from dsv2_jax.sharding import batch_divisor, initialize_distributed, make_mesh, shard_batch
+from dsv2_jax import distributed
+from dsv2_jax.sharding import batch_divisor, make_mesh, shard_batch
 from dsv2_jax.train_config import TrainConfig
 from dsv2_jax.train_state import BATCH_KEYS, Trainer
 
@@ -84,7 +85,8 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
     """Trains (or resumes) up to tc.steps; returns a summary (first/last loss, tokens/s, last checkpoint).
 
     dataset: any grain dataset yielding the batch dicts of dsv2_jax.data (default: built from tc)."""
-    initialize_distributed(tc.distributed)
+    if tc.distributed:
+        distributed.initialize()  # no-op when `dsv2 train` already joined with explicit settings
     mesh = make_mesh(tc.mesh)
     cfg = tc.model_config()
     if tc.global_batch % batch_divisor(mesh):
@@ -98,18 +100,25 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = RunCheckpoints(workdir, tc.keep_checkpoints)  # one run per workdir: refuses if it is in use
     checkpoints.check_model_config(cfg)
+    distributed.same_on_all_processes(
+        checkpoints.latest_step() or 0, "the checkpoint step to resume from",
+        f"--workdir {workdir} must be one directory shared by all hosts")
     start, state = checkpoints.restore_latest(trainer.restore_target(), iterator)
     if not start:
         state = trainer.init_state(tc.seed)
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         _write_json(workdir / "train_config.json", tc.to_dict())
         cfg.to_json(workdir / "dsv2_config.json")  # lets load_model / dsv2 generate / dsv2 export read the run
-    log = MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
+    log = MetricsLog(workdir, resume_step=start, enabled=distributed.is_primary())
     flops_per_token = train_flops_per_token(cfg, tc.seq_len)
     peak = peak_flops(jax.devices()[0])
     tokens = tc.global_batch * tc.seq_len
     losses, speeds, last_saved = [], [], start or None
-    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    distributed.compile_together(trainer.step, state, {  # multi-host: start the first step together
+        k: jax.ShapeDtypeStruct((tc.global_batch, tc.seq_len), np.float32 if k == "loss_mask" else np.int32,
+                                sharding=trainer.batch_sharding) for k in BATCH_KEYS})
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or not distributed.is_primary(),
+               dynamic_ncols=True)
     try:
         tick = time.perf_counter()
         for step in range(start + 1, tc.steps + 1):

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from dsv2_jax import distributed
+
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -32,6 +34,14 @@ def run(args) -> int:
     from dsv2_jax import load_model
     from dsv2_jax.engine import DecodeEngine
     from dsv2_jax.sampling_args import check_max_new_tokens, check_sampling
+
+    try:
+        distributed.initialize_from_args(args, label="dsv2 generate")
+    except distributed.DistributedError as e:
+        print(f"dsv2 generate: error: {e}", file=sys.stderr)
+        return 2
+    # Every process runs the same decode over its shards of a multi-host mesh; process 0 prints.
+    show = distributed.is_primary()
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
@@ -60,12 +70,14 @@ def run(args) -> int:
     for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, eos_id=eos):
         new.append(step[0])
-        if not args.json:  # print only the newly completed text (multi-byte characters may span tokens)
+        if show and not args.json:  # print only the newly completed text (multi-byte characters may span tokens)
             text = tokenizer.decode(new)
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text
     stats = engine.stats
+    if not show:
+        return 0
     if args.json:
         record = {"prompt_ids": ids, "new_ids": new, "tokens_per_s": round(stats.tokens_per_s, 2),
                   "prefill_s": round(stats.prefill_s, 4), "cache_bytes": stats.cache_nbytes}
@@ -90,8 +102,10 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mesh", default="", help="shard the weights, e.g. tensor=4,expert=2 (one host's devices)")
+    p.add_argument("--mesh", default="", help="shard the weights, e.g. tensor=4,expert=2 (with --distributed: "
+                                              "over all hosts' devices)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the model's bos token to --prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON line (ids, text, tokens/s, cache bytes)")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)

@@ -5,23 +5,34 @@ from __future__ import annotations
 import json
 import sys
 
+from dsv2_jax import distributed
 from dsv2_jax.train_config import TrainConfig
 
 
 def run(args) -> int:
+    from dsv2_jax.cli import USER_ERRORS
     from dsv2_jax.train import TrainingDiverged, train
 
+    try:
+        joined = distributed.initialize_from_args(args, label="dsv2 train")
+    except distributed.DistributedError as e:
+        print(f"dsv2 train: error: {e}", file=sys.stderr)
+        return 2
     direct = {"steps": args.steps, "mesh": args.mesh, "data": tuple(args.data) if args.data else None,
               "eval_data": tuple(args.eval_data) if args.eval_data else None,
-              "distributed": True if args.distributed else None}
+              "distributed": True if joined else None}
     tc = TrainConfig.load(args.config).replace(**{k: v for k, v in direct.items() if v is not None})
     tc = tc.with_overrides(args.set)
     try:
         summary = train(tc, args.workdir, progress=not args.no_progress)
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # every process sees the same loss, so all stop here together
         print(f"dsv2 train: {e}", file=sys.stderr)
         return 3
-    print(json.dumps(summary, indent=2))
+    except BaseException as e:  # this process alone may have failed: stop the others rather than leave them hung
+        distributed.report_failure(e, exit_status=2 if isinstance(e, USER_ERRORS) else 1)
+        raise
+    if distributed.is_primary():
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -39,6 +50,6 @@ def register(sub) -> None:
                                                              "(default: the Python standard library sources)")
     p.add_argument("--eval-data", nargs="+", metavar="PATH",
                    help="held-out files or directories; with --set eval_every=N logs eval_loss every N steps")
-    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
