@@ -15,6 +15,7 @@ from dsv2_jax.cli import main
 from dsv2_jax.config import ConfigError, ModelConfig
 from dsv2_jax.init_from import initial_state, make_trainer
 from dsv2_jax.losses import cross_entropy
+from dsv2_jax.orbax_io import flatten
 from dsv2_jax.sft_data import load_examples, make_sft_dataset
 from dsv2_jax.sharding import make_mesh
 from dsv2_jax.tokenizer import load_tokenizer
@@ -147,3 +148,55 @@ def test_bad_records(released, tmp_path):
         load_examples([path], tok, 64)
     examples, counts = load_examples([path], tok, 64, skip_bad=True)
     assert len(examples) == 2 and counts["skipped"] == 2
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+
+ALL_TARGETS = '["attn","mlp","shared","experts"]'
+
+
+@pytest.fixture(scope="session")
+def lora_run(released, sft_file, tmp_path_factory):
+    work = tmp_path_factory.mktemp("lora") / "run"
+    assert main(_train_args(released, work, sft_file, 4, "--set", "lora_rank=4", "--set", "lora_alpha=8",
+                            "--set", "lr=3e-2", "--set", f"lora_targets={ALL_TARGETS}")) == 0
+    return work
+
+
+def test_lora_with_zero_b_is_the_base(released):
+    tc = TrainConfig(init_from=str(released), lora_rank=4, compute_dtype="float32", seq_len=16, global_batch=2,
+                     lora_targets=("attn", "mlp", "shared", "experts"))
+    trainer = make_trainer(tc, make_mesh(""), tc.model_config())
+    state = trainer.init_state(0)
+    assert {p[-1] for p in flatten(state["params"])} == {"a", "b"}  # only adapters are trained and optimised
+    np.testing.assert_array_equal(logits(trainer.model_for(state["params"], trainer.base)), logits(load_model(released)))
+
+
+def test_lora_trains_adapters_only_and_merged_export_matches(lora_run, released, tmp_path):
+    from transformers import DeepseekV2ForCausalLM
+
+    from dsv2_jax.checkpointing import latest_state_dir
+    from dsv2_jax.lora import load_adapters, read_lora_run, with_adapters
+    from dsv2_jax.orbax_io import OrbaxTreeReader
+
+    stored = OrbaxTreeReader(latest_state_dir(lora_run), ("params",)).paths
+    assert stored and {p[-1] for p in stored} == {"a", "b"}  # the checkpoint holds adapters, not the base
+    base_dir, lc = read_lora_run(lora_run)
+    base = load_model(base_dir)
+    adapters = load_adapters(lora_run, base.config, lc)
+    assert all(float(jnp.abs(v).max()) > 0 for p, v in flatten(adapters).items() if p[-1] == "b")
+    graphdef, state = nnx.split(base)
+    adapted = logits(nnx.merge(graphdef, with_adapters(state, adapters, lc.scale)))  # per-layer, unmerged
+    assert np.abs(adapted - logits(base)).max() > 1e-3
+    np.testing.assert_allclose(logits(load_model(lora_run)), adapted, atol=1e-5, rtol=0)  # generate's path
+
+    out = tmp_path / "merged"
+    assert main(["export", str(lora_run), str(tmp_path / "x")]) == 2  # a LoRA run needs --merge-lora
+    assert main(["export", str(lora_run), str(out), "--merge-lora", "--quiet"]) == 0
+    np.testing.assert_allclose(logits(load_model(out)), adapted, atol=1e-5, rtol=0)
+    import torch
+
+    hf = DeepseekV2ForCausalLM.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        want = hf(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(adapted, want, atol=1e-4, rtol=0)

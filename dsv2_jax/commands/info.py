@@ -44,6 +44,10 @@ def run(args) -> int:
             "layers": cfg.num_hidden_layers, "moe_layers": cfg.num_moe_layers,
             "latent_cache_elems_per_token": cfg.latent_cache_dim * cfg.num_hidden_layers,
             "mha_cache_elems_per_token": 2 * cfg.num_attention_heads * cfg.v_head_dim * cfg.num_hidden_layers}
+    if args.quantize or args.device_gb:
+        from dsv2_jax.quantize import memory_report
+
+        info["memory"] = memory_report(cfg, args.quantize, device_bytes=(args.device_gb or 24) * 1e9)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -51,4 +55,6 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts and KV-cache size of a config")
     p.add_argument("config", help="preset name (tiny, deepseek-v2, deepseek-v2-lite), config JSON or HF dir")
+    p.add_argument("--quantize", choices=("int8",), help="report int8 weight bytes (and what cache fits)")
+    p.add_argument("--device-gb", type=float, help="accelerator memory for the fit estimate (default 24)")
     p.set_defaults(func=run)
