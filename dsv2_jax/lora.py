@@ -119,7 +119,8 @@ class LoraTrainer(Trainer):
         self.eval_step = lambda params, batch: evaluate(params, batch, self.base)
 
     def _init(self, seed: int):
-        adapters = init_adapters(self.shapes, jax.random.key(seed))
+        with jax.threefry_partitionable(jax.default_backend() != "cpu"):  # as Trainer._init: CPU compiles faster
+            adapters = init_adapters(self.shapes, jax.random.key(seed))
         return {"params": adapters, "opt_state": self.tx.init(adapters), "step": jnp.zeros((), jnp.int32)}
 
     def model_for(self, params, frozen=None):
