@@ -7,7 +7,7 @@ from dsv2_jax.model import DeepseekV2, abstract_model, init_model
 from dsv2_jax.safetensors_io import CheckpointError
 
 
-def load_model(path, dtype="float32", *, mesh=None, shardings=None, **config_overrides) -> DeepseekV2:
+def load_model(path, dtype="float32", *, mesh=None, shardings=None, quantize=None, **config_overrides) -> DeepseekV2:
     """Loads a model from an HF DeepSeek-V2 directory (config.json + safetensors, single or sharded), a
     directory written by `dsv2 convert` (Orbax params/ + dsv2_config.json) or a `dsv2 train` workdir.
 
@@ -15,7 +15,17 @@ def load_model(path, dtype="float32", *, mesh=None, shardings=None, **config_ove
     `mesh` places parameters by the logical-axis rules in `sharding.LOGICAL_RULES` (each device reads only its
     own shard of an Orbax checkpoint); `shardings` (a pure dict of shardings) overrides them.
     `config_overrides` set implementation fields such as moe_impl="reference" or attention_impl="xla".
+    `quantize="int8"`: weight-only int8 projections with per-channel scales, computed in `dtype` (quantize.py).
+    A LoRA run directory (lora.json, lora.py) loads its base with the newest adapters merged in.
     """
+    if quantize is not None:
+        from dsv2_jax.quantize import load_quantized
+
+        return load_quantized(path, dtype, quantize, mesh=mesh, **config_overrides)
+    from dsv2_jax.lora import is_lora_run, load_lora_model
+
+    if is_lora_run(path):
+        return load_lora_model(path, dtype, mesh=mesh, **config_overrides)
     return load_checkpoint(path, dtype, mesh=mesh, shardings=shardings, **config_overrides)
 
 

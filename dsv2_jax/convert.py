@@ -214,13 +214,20 @@ def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, d
     ckpt_dir = Path(ckpt_dir)
     cfg, reader = _open_converted(ckpt_dir)
     dt = resolve_dtype(dtype) if dtype is not None else np.dtype(reader.array(("embed",)).dtype.numpy_dtype)
+    return write_hf_dir(cfg, reader, hf_dir, dt, ckpt_dir, force, max_shard_bytes, progress)
+
+
+def write_hf_dir(cfg: ModelConfig, reader, hf_dir, dt: np.dtype, source_dir: Path, force: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
+    """Writes the HF directory of a parameter tree; `reader.read(path, index)` gives a leaf or one layer of a
+    stacked leaf (OrbaxTreeReader, or lora.py's merged view). Side files are copied from `source_dir`."""
     layout = _hf_layout(cfg)
     groups = _shard_files(layout, dt.itemsize, max_shard_bytes)
     fnames = (["model.safetensors"] if len(groups) == 1 else
               [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))])
     total = sum(int(np.prod(shape)) * dt.itemsize for _, shape in layout)
     tensors = _hf_tensors(reader, cfg, dt)
-    with staged_output(hf_dir, force, ckpt_dir, kind="export", allowed=_exported_name,
+    with staged_output(hf_dir, force, source_dir, kind="export", allowed=_exported_name,
                        layout=lambda _: False) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
         def get(name: str) -> np.ndarray:
@@ -236,7 +243,7 @@ def export_orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, d
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
         _write_hf_config(cfg, dt, tmp / HF_CONFIG_FILE)
-        _copy_side_files(ckpt_dir, tmp)
+        _copy_side_files(source_dir, tmp)
     return {"bytes_written": total, "files": fnames, "dtype": dt.name}
 
 

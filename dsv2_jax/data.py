@@ -222,6 +222,9 @@ def _finalize(packed: dict[str, np.ndarray], *, batch: int, pad_id: int) -> dict
     targets[:, :-1] = np.where(same, inputs[:, 1:], pad_id)
     loss_mask = np.zeros(inputs.shape, np.float32)
     loss_mask[:, :-1] = same
+    if "weights" in packed:  # SFT (sft_data.py): a target counts only where its token's weight is 1
+        weights = np.pad(packed["weights"].astype(np.float32), ((0, missing), (0, 0)))
+        loss_mask[:, :-1] *= weights[:, 1:]
     return {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": pos,
             "loss_mask": loss_mask}
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.layers import MLP, RMSNorm, param
+from dsv2_jax.lazy_params import materialize
 from dsv2_jax.mla import MLA
 from dsv2_jax.moe import MoE, RouterStats
 from dsv2_jax.rope import rope_tables
@@ -59,7 +60,7 @@ def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: 
 
     def body(c, inp):
         st, x = inp
-        return fn(nnx.merge(graphdef, st), c, x)
+        return fn(nnx.merge(graphdef, materialize(st)), c, x)  # int8 / LoRA weights: this layer's only
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,13 @@ from dsv2_jax.checkpointing import RunCheckpoints
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.divergence import unsaveable
 from dsv2_jax.flops import peak_flops, train_flops_per_token
+from dsv2_jax.init_from import initial_state, make_trainer
+from dsv2_jax.lora import write_lora_json
 from dsv2_jax.metrics_log import MetricsLog
 from dsv2_jax import distributed
 from dsv2_jax.sharding import batch_divisor, make_mesh, shard_batch
 from dsv2_jax.train_config import TrainConfig
-from dsv2_jax.train_state import BATCH_KEYS, Trainer
+from dsv2_jax.train_state import BATCH_KEYS
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,12 +44,16 @@ def make_dataset(tc: TrainConfig, cfg: ModelConfig, held_out: bool = False):
     """The grain pipeline of dsv2_jax.data over tc.data (default: the embedded stdlib corpus), or one ordered
     pass over tc.eval_data."""
     from dsv2_jax.data import make_dataset as grain_dataset
+    from dsv2_jax.init_from import tokenizer_path
+    from dsv2_jax.sft_data import is_sft, make_sft_dataset
     from dsv2_jax.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tc.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_path(tc))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's vocab_size "
                          f"({cfg.vocab_size})")
+    if is_sft(tc, held_out):
+        return make_sft_dataset(tc, tokenizer, held_out)
     if held_out:
         return grain_dataset(list(tc.eval_data), tokenizer, tc.seq_len, tc.global_batch, tc.seed, num_epochs=1,
                              shuffle=False)
@@ -95,7 +102,7 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
     # Everything a user can get wrong (config, mesh, data paths) fails before the workdir is touched.
     iterator = iter(dataset if dataset is not None else make_dataset(tc, cfg))
     eval_dataset = make_dataset(tc, cfg, held_out=True) if tc.eval_every else None
-    trainer = Trainer(tc, mesh, cfg)
+    trainer = make_trainer(tc, mesh, cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = RunCheckpoints(workdir, tc.keep_checkpoints)  # one run per workdir: refuses if it is in use
@@ -104,11 +111,19 @@ def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool 
         checkpoints.latest_step() or 0, "the checkpoint step to resume from",
         f"--workdir {workdir} must be one directory shared by all hosts")
     start, state = checkpoints.restore_latest(trainer.restore_target(), iterator)
-    if not start:
-        state = trainer.init_state(tc.seed)
+    if start:
+        if tc.init_from and distributed.is_primary():
+            print(f"dsv2 train: resuming {workdir} from step {start}; init_from {tc.init_from} is not used",
+                  file=sys.stderr)
+    elif tc.init_from and not tc.lora_rank:
+        state = initial_state(trainer, tc.init_from)  # released weights, fresh optimizer and schedule
+    else:
+        state = trainer.init_state(tc.seed)  # random weights, or fresh LoRA adapters on the loaded base
     if distributed.is_primary():
         _write_json(workdir / "train_config.json", tc.to_dict())
         cfg.to_json(workdir / "dsv2_config.json")  # lets load_model / dsv2 generate / dsv2 export read the run
+        if tc.lora_rank:
+            write_lora_json(workdir, tc)  # the base the adapters belong to
     log = MetricsLog(workdir, resume_step=start, enabled=distributed.is_primary())
     flops_per_token = train_flops_per_token(cfg, tc.seq_len)
     peak = peak_flops(jax.devices()[0])

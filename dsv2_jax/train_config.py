@@ -20,7 +20,7 @@ COMPUTE_DTYPES = ("bfloat16", "float32")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "tiny"                 # preset name or ModelConfig JSON file
+    model: str | None = None            # preset, ModelConfig / HF config JSON; None = init_from's config, or tiny
     model_overrides: dict = dataclasses.field(default_factory=dict)
     data: tuple = ()                    # files / directories; empty = the embedded default corpus (stdlib .py)
     eval_data: tuple = ()               # held-out files / directories for the eval loss
@@ -48,6 +48,14 @@ class TrainConfig:
     capacity_factor: float = 1.0
     never_drop_every: int = 10          # capacity mode: 1 in N sequences is never dropped (paper ~10%); 0 = off
     seed: int = 0
+    # Fine-tuning (docs/finetuning.md).
+    init_from: str | None = None        # HF dir, `dsv2 convert` output or train workdir: start from its weights
+    data_format: str = "auto"           # text | sft | auto (JSONL whose records hold messages / prompt → sft)
+    skip_bad_records: bool = False      # sft: skip and count malformed records instead of failing
+    lora_rank: int = 0                  # > 0: train only low-rank adapters on lora_targets (needs init_from)
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ("attn", "mlp", "shared")  # attn, mlp (dense layers), shared, experts, or param names
+    quantize: str | None = None         # LoRA: "int8" keeps the frozen base in int8 (QLoRA)
     # Bookkeeping.
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -89,10 +97,21 @@ class TrainConfig:
         object.__setattr__(self, "data", tuple(self.data))
         object.__setattr__(self, "eval_data", tuple(self.eval_data))
         object.__setattr__(self, "decay_at", tuple(self.decay_at))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.data_format not in ("auto", "text", "sft"):
+            fail("data_format", f"must be auto, text or sft, got {self.data_format!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            fail("lora_rank", f"must be a non-negative integer, got {self.lora_rank!r}")
+        if self.quantize not in (None, "int8") or (self.quantize and not self.lora_rank):
+            fail("quantize", f"'int8' (with lora_rank > 0: QLoRA) or null, got {self.quantize!r}")
+        if self.lora_rank and not self.init_from:
+            fail("lora_rank", "LoRA adapts released weights: set init_from (--init-from DIR)")
 
     def model_config(self) -> ModelConfig:
-        p = Path(self.model)
-        base = ModelConfig.from_json(p) if p.suffix == ".json" else ModelConfig.preset(self.model)
+        from dsv2_jax.init_from import checkpoint_config, resolve_model_config
+
+        base = (resolve_model_config(self.model) if self.model else
+                checkpoint_config(self.init_from) if self.init_from else ModelConfig.preset("tiny"))
         try:
             return base.replace(**self.model_overrides)
         except TypeError as e:
@@ -121,7 +140,7 @@ class TrainConfig:
                 raise ConfigError(f"{p}: invalid JSON ({e})") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"{p}: expected a JSON object")
-            if "vocab_size" in d:  # a model config, not a train config
+            if "vocab_size" in d:  # a model config (ours or HF's), not a train config
                 return cls(model=str(p))
             return cls.from_dict(d, source=str(p))
         ModelConfig.preset(spec)  # fail early on unknown names

@@ -78,8 +78,12 @@ class Trainer:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_shardings)
 
-    def loss(self, params, batch) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-        model = nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
+    def model_for(self, params, frozen=None):
+        """The model a step runs: `params` cast to the compute dtype (LoraTrainer adds its frozen base)."""
+        return nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
+
+    def loss(self, params, batch, frozen=None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+        model = self.model_for(params, frozen)
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):  # attention kernels run per shard (shard_map)
             logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                                   token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat,
@@ -92,17 +96,17 @@ class Trainer:
             metrics["expert_load"] = load
         return ce + aux, metrics
 
-    def _eval_step(self, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def _eval_step(self, params, batch, frozen=None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """(summed next-token NLL, number of scored tokens) of one batch: no balance losses, no token dropping."""
-        model = nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
+        model = self.model_for(params, frozen)
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):
             logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                            experts_fn=self.eval_experts_fn)
         tokens = batch["loss_mask"].sum()
         return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * tokens, tokens
 
-    def _train_step(self, state, batch):
-        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], batch)
+    def _train_step(self, state, batch, frozen=None):
+        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], batch, frozen)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))

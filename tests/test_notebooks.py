@@ -22,7 +22,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_notebooks_exist():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "mla_kv_cache", "moe_routing"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "mla_kv_cache", "moe_routing", "finetune"}
 
 
 @pytest.fixture(scope="module")

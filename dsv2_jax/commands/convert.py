@@ -43,10 +43,14 @@ def run_convert(args) -> int:
 
 def run_export(args) -> int:
     from dsv2_jax.convert import export_orbax_to_hf
+    from dsv2_jax.lora import export_merged, is_lora_run
 
     return_freed_buffers_to_os()
-
-    stats = export_orbax_to_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, force=args.force,
+    if is_lora_run(args.ckpt_dir) != bool(args.merge_lora):
+        raise ValueError(f"{args.ckpt_dir}: " + ("a LoRA run: pass --merge-lora to export base + adapters"
+                                                  if args.merge_lora is False else "not a LoRA run (no lora.json)"))
+    export = export_merged if args.merge_lora else export_orbax_to_hf
+    stats = export(args.ckpt_dir, args.hf_dir, dtype=args.dtype, force=args.force,
                                max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
     print(json.dumps({"hf_dir": args.hf_dir, **stats}))
     return 0
@@ -68,6 +72,8 @@ def register(sub) -> None:
     p.add_argument("hf_dir", help="output HF directory")
     p.add_argument("--dtype", choices=dtypes, help="exported dtype (default: the stored one)")
     p.add_argument("--max-shard-size", default="5GB", help="split safetensors files above this size (default 5GB)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="CKPT_DIR is a LoRA run: write its base with the adapters merged in (float32 by default)")
     p.add_argument("--force", action="store_true",
                    help="replace HF_DIR if it is an earlier `dsv2 export` output (nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -55,7 +55,7 @@ def run(args) -> int:
         from dsv2_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    model = load_model(checkpoint, args.dtype, mesh=mesh)
+    model = load_model(checkpoint, args.dtype, mesh=mesh, quantize=args.quantize)
     if args.prompt is not None:
         # Documents are trained as [bos, text..., eos]: a text prompt starts the same way.
         bos = model.config.bos_token_id
@@ -93,7 +93,8 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint with the latent KV cache")
-    p.add_argument("--checkpoint", required=True, help="HF DeepSeek-V2 directory, a `dsv2 convert` output or a `dsv2 train` workdir")
+    p.add_argument("--checkpoint", required=True, help="HF DeepSeek-V2 directory, a `dsv2 convert` output or a "
+                                                       "`dsv2 train` workdir (a LoRA run loads base + adapters)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -106,6 +107,7 @@ def register(sub) -> None:
                                               "over all hosts' devices)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the model's bos token to --prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--quantize", choices=("int8",), help="weight-only int8 projections (per-channel scales)")
     p.add_argument("--json", action="store_true", help="print one JSON line (ids, text, tokens/s, cache bytes)")
     distributed.add_arguments(p)
     p.set_defaults(func=run)

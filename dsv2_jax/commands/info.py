@@ -67,6 +67,10 @@ def run(args) -> int:
         info["memory_per_device_bytes"] = {
             remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat).as_dict()
             for remat in args.remat}
+    if args.quantize or args.device_gb:
+        from dsv2_jax.quantize import memory_report
+
+        info["memory"] = memory_report(cfg, args.quantize, device_bytes=(args.device_gb or 24) * 1e9)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -80,4 +84,6 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, help="global batch for the memory plan (1)")
     p.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=["none", "dots", "full"],
                    help="remat policies to plan activations for")
+    p.add_argument("--quantize", choices=("int8",), help="report int8 weight bytes (and what cache fits)")
+    p.add_argument("--device-gb", type=float, help="accelerator memory for the fit estimate (default 24)")
     p.set_defaults(func=run)

@@ -20,8 +20,12 @@ def run(args) -> int:
         return 2
     direct = {"steps": args.steps, "mesh": args.mesh, "data": tuple(args.data) if args.data else None,
               "eval_data": tuple(args.eval_data) if args.eval_data else None,
-              "distributed": True if joined else None}
-    tc = TrainConfig.load(args.config).replace(**{k: v for k, v in direct.items() if v is not None})
+              "distributed": True if joined else None, "init_from": args.init_from,
+              "skip_bad_records": True if args.skip_bad_records else None}
+    if args.config is None and args.init_from is None:
+        raise ValueError("give --config, --init-from, or both")
+    tc = (TrainConfig.load(args.config) if args.config else TrainConfig()).replace(
+        **{k: v for k, v in direct.items() if v is not None})
     tc = tc.with_overrides(args.set)
     try:
         summary = train(tc, args.workdir, progress=not args.no_progress)
@@ -38,8 +42,14 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train or resume a model (sharded, checkpointed)")
-    p.add_argument("--config", required=True,
-                   help="train config JSON (e.g. configs/train-tiny.json), or a model preset / model config JSON")
+    p.add_argument("--config",
+                   help="train config JSON (e.g. configs/train-tiny.json), or a model preset / model config JSON "
+                        "(ours or an HF config.json)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from these weights (HF dir, `dsv2 convert` output or train workdir) with a fresh "
+                        "optimizer; the model config comes from DIR unless --config names one")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="SFT data: skip (and count) malformed records instead of stopping at the first")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and train_config.json go here; "
                                                     "an existing run there is resumed")
     p.add_argument("--steps", type=int, help="total steps (the LR schedule spans them)")
