@@ -30,6 +30,7 @@ from dsv2_jax.serve.paged_step import step_and_sample
 from dsv2_jax.serve.request import Request
 
 MIN_CHUNK_BUCKET = 8
+MIN_TABLE_BUCKET = 8  # block-table widths below 8 pages share one shape (the kernel skips pages past the length)
 
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -189,7 +190,8 @@ class Scheduler:
     def _launch(self, rows: list[tuple[Request, int]], chunk: int):
         """Dispatches one jitted call for rows (each with <= chunk new tokens); returns the sampled tokens."""
         b = _bucket(len(rows), _bucket(self.max_running, 1 << 30))
-        width = _bucket(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows), self.max_pages_per_seq)
+        width = _bucket(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows), self.max_pages_per_seq,
+                        MIN_TABLE_BUCKET)
         tokens = np.zeros((b, chunk), np.int32)
         starts, n_new, seeds, steps, top_k = (np.zeros(b, np.int32) for _ in range(5))
         temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
