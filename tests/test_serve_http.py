@@ -74,7 +74,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dsv2_jax.cli", "serve", "--checkpoint", str(path), "--port", str(port),
          "--served-model-name", "tiny", "--dtype", "float32", "--page-size", "16", "--num-pages", "48",
-         "--max-running", "4", "--max-waiting", "2", "--max-tokens-per-step", "32", "--max-model-len", "96"],
+         "--max-running", "2", "--max-waiting", "2", "--max-tokens-per-step", "16", "--max-model-len", "96"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -187,7 +187,7 @@ def test_disconnect_frees_pages_and_overload_gives_429(server):
             return 429
     with ThreadPoolExecutor(12) as pool:
         codes = list(pool.map(one, range(12)))
-    assert codes.count(429) >= 1 and codes.count(200) >= 6  # 4 running + 2 waiting always fit
+    assert codes.count(429) >= 1 and codes.count(200) >= 4  # 2 running + 2 waiting always fit
     wait_idle(base)
     text = get_text(f"{base}/metrics")
     for name in ("dsv2_requests_waiting", "dsv2_cache_usage_ratio", "dsv2_generation_tokens_per_second",

@@ -134,6 +134,8 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, chat_template: C
                     task.cancel()
                     raise APIError(499, "client disconnected")
             task.result()
+            if handle.request.finish_reason == "error":
+                raise APIError(500, f"engine failed: {engine.error}", None, "server_error")
         finally:
             if not task.done():
                 task.cancel()

@@ -29,7 +29,7 @@ from dsv2_jax.serve.paged_cache import PagedLatentCache, pages_for_budget
 from dsv2_jax.serve.paged_step import step_and_sample
 from dsv2_jax.serve.request import Request
 
-MIN_CHUNK_BUCKET = 8
+MIN_CHUNK_BUCKET = 16
 MIN_TABLE_BUCKET = 8  # block-table widths below 8 pages share one shape (the kernel skips pages past the length)
 
 
@@ -156,24 +156,33 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, int]]:
-        budget = self.max_tokens_per_step
-        rows: list[tuple[Request, int]] = []
         self.running.sort(key=lambda r: r.arrival)
+        # Token budget: every decoding stream first (a long prompt never stalls them), then prefill chunks, oldest
+        # first; then pages for the plan, oldest first, preempting the youngest when the pool runs dry.
+        decoding = [r for r in self.running if len(r.tokens) - r.num_cached == 1][:self.max_tokens_per_step]
+        plan = {id(r): 1 for r in decoding}
+        budget = self.max_tokens_per_step - len(plan)
+        for r in self.running:
+            if id(r) not in plan and budget > 0:
+                plan[id(r)] = min(len(r.tokens) - r.num_cached, budget, self.max_prefill_chunk)
+                budget -= plan[id(r)]
+        rows: list[tuple[Request, int]] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running):
             req = self.running[i]
-            n = min(len(req.tokens) - req.num_cached, budget, self.max_prefill_chunk)
-            if not self._reserve(req, req.num_cached + n):
-                victim = max(self.running, key=lambda r: r.arrival)
+            n = plan.get(id(req), 0)
+            if n and not self._reserve(req, req.num_cached + n):
+                victim = self.running[-1]  # sorted by arrival: the youngest
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
                 continue
-            rows.append((req, n))
-            budget -= n
+            if n:
+                rows.append((req, n))
             i += 1
+        budget = self.max_tokens_per_step - sum(n for _, n in rows)
         while self.waiting and not preempted and len(self.running) < self.max_running and budget > 0:
             req = self.waiting[0]
             self._share_prefix(req)
@@ -239,11 +248,10 @@ class Scheduler:
             req.finish_reason = "stop"
         elif req.num_generated >= req.params.max_tokens or len(req.tokens) >= self.max_model_len:
             req.finish_reason = "length"
+        self._register_full_pages(req)  # before any free: a finished prompt's pages stay cached for reuse
         if req.finished:
             self.running.remove(req)
             self._free(req)
-        else:
-            self._register_full_pages(req)
         return StepOutput(req, token, req.finished)
 
     def run_to_completion(self, requests: list[Request]) -> dict[str, list[int]]:
