@@ -194,3 +194,10 @@ def test_disconnect_frees_pages_and_overload_gives_429(server):
                  "dsv2_time_to_first_token_seconds_bucket", "dsv2_time_per_output_token_seconds_bucket"):
         assert name in text
     assert metric(base, "dsv2_generation_tokens_total") > 0
+
+
+def test_serve_cli_rejects_missing_checkpoint(tmp_path, capsys):
+    from dsv2_jax.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
