@@ -178,6 +178,7 @@ def test_disconnect_frees_pages_and_overload_gives_429(server):
     with resp:
         assert status == 200 and resp.readline().startswith(b"data: ")
     wait_idle(base)  # the stream was dropped after one event: its pages are back
+    assert metric(base, 'dsv2_requests_finished_total{reason="abort"}') >= 1  # aborted, not run to the end
 
     def one(_):
         try:
