@@ -22,7 +22,7 @@ from kernels_pallas.reference import mla_decode_reference
 
 def gather_pages(pool, block_tables, layer):
     """pool [L, P, page, X], block_tables [B, N] → row b's cache [B, N·page, X] (layer `layer`)."""
-    pages = lax.dynamic_index_in_dim(pool, layer, 0, keepdims=False)[block_tables]  # [B, N, page, X]
+    pages = pool[layer, block_tables]  # [B, N, page, X]: one gather of the listed pages, no slice of the pool
     return pages.reshape(pages.shape[0], -1, pages.shape[-1])
 
 

@@ -41,6 +41,7 @@ def run_continuous(model, work, args) -> list[list[float]]:
     sched = Scheduler(model, page_size=args.page_size, max_running=args.max_running,
                       max_tokens_per_step=args.max_tokens_per_step, cache_dtype=jnp.float32,
                       max_model_len=args.max_model_len)
+    sched.warmup()  # every bucket shape; the static engine's shapes are compiled by its untimed first pass
     reqs = [Request(str(i), p, SamplingParams(max_tokens=n)) for i, (_, p, n) in enumerate(work)]
     times: list[list[float]] = [[] for _ in work]
     t0, nxt = time.perf_counter(), 0

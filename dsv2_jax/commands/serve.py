@@ -39,6 +39,9 @@ def run(args) -> int:
                       max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
                       max_model_len=args.max_model_len, cache_dtype=jnp.dtype(args.cache_dtype),
                       cache_sharding=sharding)
+    if not args.no_warmup:
+        print(f"dsv2 serve: compiling {len(sched.bucket_shapes())} step shapes", file=sys.stderr, flush=True)
+        sched.warmup()
     eos = getattr(tokenizer, "eos_id", None)
     eos = cfg.eos_token_id if eos is None else eos
     bos = cfg.bos_token_id if not args.no_bos else None
@@ -73,5 +76,6 @@ def register(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
     p.add_argument("--max-waiting", type=int, default=128, help="queued requests beyond max-running before HTTP 429")
     p.add_argument("--no-bos", action="store_true", help="do not prepend bos to /v1/completions text prompts")
+    p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use, not at start")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)

@@ -73,6 +73,8 @@ class Scheduler:
         self.max_prefill_chunk = min(max_prefill_chunk or max_tokens_per_step, max_tokens_per_step)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
+        self.batch_cap = _bucket(max_running, 1 << 30)
+        self.chunk_cap = _bucket(self.max_prefill_chunk, 1 << 30, MIN_CHUNK_BUCKET)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = dict(steps=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0, preemptions=0)
@@ -198,9 +200,8 @@ class Scheduler:
 
     def _launch(self, rows: list[tuple[Request, int]], chunk: int):
         """Dispatches one jitted call for rows (each with <= chunk new tokens); returns the sampled tokens."""
-        b = _bucket(len(rows), _bucket(self.max_running, 1 << 30))
-        width = _bucket(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows), self.max_pages_per_seq,
-                        MIN_TABLE_BUCKET)
+        b = _bucket(len(rows), self.batch_cap)
+        width = self._width(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows))
         tokens = np.zeros((b, chunk), np.int32)
         starts, n_new, seeds, steps, top_k = (np.zeros(b, np.int32) for _ in range(5))
         temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
@@ -212,9 +213,33 @@ class Scheduler:
             p = r.params
             seeds[j], steps[j], top_k[j], temperature[j], top_p[j] = (p.seed, r.num_generated, p.top_k,
                                                                       p.temperature, p.top_p)
-        out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *map(jnp.asarray, (
-            tokens, starts, n_new, tables, seeds, steps, temperature, top_k, top_p)))
+        return self._call(tokens, starts, n_new, tables, seeds, steps, temperature, top_k, top_p)
+
+    def _call(self, *arrays):
+        out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *map(jnp.asarray, arrays))
         return out
+
+    def _width(self, pages: int) -> int:
+        return _bucket(pages, self.max_pages_per_seq, MIN_TABLE_BUCKET)
+
+    def bucket_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (batch, chunk, block-table width) a step can use: all that steady state ever compiles."""
+        batches = sorted({_bucket(n, self.batch_cap) for n in range(1, self.max_running + 1)})
+        chunks = [1] + sorted({_bucket(n, self.chunk_cap, MIN_CHUNK_BUCKET)
+                               for n in range(2, self.max_prefill_chunk + 1)})
+        widths = sorted({self._width(n) for n in range(1, self.max_pages_per_seq + 1)})
+        return [(b, t, w) for b in batches for t in chunks for w in widths]
+
+    def warmup(self) -> int:
+        """Compiles every bucket shape up front with all-padding batches (they write only the trash page), so no
+        request ever waits for a compilation. Returns the number of shapes."""
+        shapes = self.bucket_shapes()
+        for b, t, w in shapes:
+            z = np.zeros(b, np.int32)
+            out = self._call(np.zeros((b, t), np.int32), z, z, np.zeros((b, w), np.int32), z, z,
+                             np.zeros(b, np.float32), z, np.ones(b, np.float32))
+        out.block_until_ready()
+        return len(shapes)
 
     def step(self) -> list[StepOutput]:
         rows = self._schedule()
@@ -226,8 +251,8 @@ class Scheduler:
         if single:
             launched.append((single, self._launch(single, 1)))
         if multi:
-            cap = _bucket(self.max_prefill_chunk, 1 << 30, MIN_CHUNK_BUCKET)
-            launched.append((multi, self._launch(multi, _bucket(max(n for _, n in multi), cap, MIN_CHUNK_BUCKET))))
+            chunk = _bucket(max(n for _, n in multi), self.chunk_cap, MIN_CHUNK_BUCKET)
+            launched.append((multi, self._launch(multi, chunk)))
         self.counters["steps"] += 1
         outputs = []
         for group, sampled in launched:
