@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "dsv2_jax.commands.convert",
     "dsv2_jax.commands.generate",
     "dsv2_jax.commands.train",
+    "dsv2_jax.commands.serve",
 ]
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError)
 

@@ -1,0 +1,294 @@
+"""Continuous batching over the paged latent cache.
+
+Every `step()`:
+  1. schedules the running requests oldest first, each getting its next chunk of uncomputed tokens (1 when
+     decoding, up to `max_prefill_chunk` when prefilling) within `max_tokens_per_step`; if the pages for a chunk
+     cannot be found, the youngest running request is preempted (pages freed, tokens kept, recomputed later);
+  2. admits waiting requests into free slots (up to `max_running`) with what budget is left, first sharing any
+     cached full-page prefix of their tokens;
+  3. runs at most two jitted calls — all 1-token rows [B,1], all longer chunks [B,T] — with batch, chunk and
+     block-table widths bucketed to powers of two, so steady state never recompiles;
+  4. appends each row's sampled token where its chunk reached the end of its tokens, retires finished requests
+     and frees their pages, and registers newly filled pages with the prefix cache.
+Not thread-safe: one thread owns a Scheduler (see async_engine.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv2_jax.model import DeepseekV2
+from dsv2_jax.serve.page_allocator import PageAllocator, page_hashes
+from dsv2_jax.serve.paged_cache import PagedLatentCache, pages_for_budget
+from dsv2_jax.serve.paged_step import step_and_sample
+from dsv2_jax.serve.request import Request
+
+MIN_CHUNK_BUCKET = 16
+MIN_TABLE_BUCKET = 8  # block-table widths below 8 pages share one shape (the kernel skips pages past the length)
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    return min(max(1 << max(n - 1, 0).bit_length(), floor), cap)
+
+
+@dataclass
+class StepOutput:
+    request: Request
+    token: int | None      # the token sampled this step, if any
+    finished: bool
+
+
+class Scheduler:
+    """Holds the model's split state, the page pool and the request queues.
+
+    page_size: tokens per page. num_pages (trash page included) or cache_memory_bytes sizes the pool (default
+    256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
+    max_prefill_chunk: longest prefill chunk of one row. max_model_len: prompt + output limit (default the
+    model's max_position_embeddings, capped by the pool). cache_sharding places the pool (replicated on a mesh).
+    """
+
+    def __init__(self, model: DeepseekV2, *, page_size: int = 64, num_pages: int | None = None,
+                 cache_memory_bytes: int = 256 << 20, max_running: int = 16, max_tokens_per_step: int = 256,
+                 max_prefill_chunk: int | None = None, max_model_len: int | None = None, cache_dtype=jnp.bfloat16,
+                 cache_sharding=None):
+        cfg = self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        if num_pages is None:
+            num_pages = pages_for_budget(cfg, page_size, cache_dtype, cache_memory_bytes)
+        for name, v in (("page_size", page_size), ("max_running", max_running),
+                        ("max_tokens_per_step", max_tokens_per_step)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.cache = PagedLatentCache.zeros(cfg, num_pages, page_size, cache_dtype, cache_sharding)
+        self.allocator = PageAllocator(num_pages)
+        self.page_size = page_size
+        self.max_running = max_running
+        self.max_tokens_per_step = max_tokens_per_step
+        self.max_prefill_chunk = min(max_prefill_chunk or max_tokens_per_step, max_tokens_per_step)
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
+        self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
+        self.batch_cap = _bucket(max_running, 1 << 30)
+        self.chunk_cap = _bucket(self.max_prefill_chunk, 1 << 30, MIN_CHUNK_BUCKET)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.counters = dict(steps=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0, preemptions=0)
+
+    # ---- queue API ----------------------------------------------------------------------------------
+    def validate(self, prompt: list[int], max_tokens: int) -> None:
+        """Raises ValueError (one line) for a request this server can never run."""
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(prompt) + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} exceeds the maximum "
+                             f"length {self.max_model_len}")
+
+    def add(self, request: Request) -> None:
+        self.validate(request.prompt, request.params.max_tokens)
+        self.waiting.append(request)
+
+    def abort(self, request: Request) -> None:
+        """Drops a request wherever it is and frees its pages now."""
+        if request.finished:
+            return
+        request.finish_reason = "abort"
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+        self._free(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.allocator.num_in_use
+
+    # ---- paging -------------------------------------------------------------------------------------
+    def _free(self, req: Request) -> None:
+        self.allocator.release(req.pages)
+        req.pages, req.hashes, req.num_registered, req.num_cached = [], [], 0, 0
+
+    def _reserve(self, req: Request, n_tokens: int) -> bool:
+        need = math.ceil(n_tokens / self.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        pages = self.allocator.allocate(need)
+        if pages is None:
+            return False
+        req.pages += pages
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._free(req)
+        req.preemptions += 1
+        self.counters["preemptions"] += 1
+        self.waiting.appendleft(req)
+
+    def _share_prefix(self, req: Request) -> None:
+        """Starts req from the longest cached run of its full pages (at least one token is left to compute)."""
+        usable = (len(req.tokens) - 1) // self.page_size
+        hashes = page_hashes(req.tokens[:usable * self.page_size], self.page_size)
+        pages = self.allocator.match_prefix(hashes)
+        req.pages, req.hashes = pages, hashes[:len(pages)]
+        req.num_cached, req.num_registered = len(pages) * self.page_size, len(pages)
+        self.counters["prefix_hit_tokens"] += req.num_cached
+
+    def _register_full_pages(self, req: Request) -> None:
+        full = req.num_cached // self.page_size
+        if full > len(req.hashes):
+            req.hashes += page_hashes(req.tokens[:full * self.page_size], self.page_size, start=len(req.hashes),
+                                      prev=req.hashes[-1] if req.hashes else b"")
+        for k in range(req.num_registered, full):
+            self.allocator.register(req.pages[k], req.hashes[k])
+        req.num_registered = max(req.num_registered, full)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Request, int]]:
+        self.running.sort(key=lambda r: r.arrival)
+        # Token budget: every decoding stream first (a long prompt never stalls them), then prefill chunks, oldest
+        # first; then pages for the plan, oldest first, preempting the youngest when the pool runs dry.
+        decoding = [r for r in self.running if len(r.tokens) - r.num_cached == 1][:self.max_tokens_per_step]
+        plan = {id(r): 1 for r in decoding}
+        budget = self.max_tokens_per_step - len(plan)
+        for r in self.running:
+            if id(r) not in plan and budget > 0:
+                plan[id(r)] = min(len(r.tokens) - r.num_cached, budget, self.max_prefill_chunk)
+                budget -= plan[id(r)]
+        rows: list[tuple[Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            n = plan.get(id(req), 0)
+            if n and not self._reserve(req, req.num_cached + n):
+                victim = self.running[-1]  # sorted by arrival: the youngest
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                continue
+            if n:
+                rows.append((req, n))
+            i += 1
+        budget = self.max_tokens_per_step - sum(n for _, n in rows)
+        while self.waiting and not preempted and len(self.running) < self.max_running and budget > 0:
+            req = self.waiting[0]
+            self._share_prefix(req)
+            n = min(len(req.tokens) - req.num_cached, budget, self.max_prefill_chunk)
+            if not self._reserve(req, req.num_cached + n):
+                self._free(req)
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            rows.append((req, n))
+            budget -= n
+        return rows
+
+    def _launch(self, rows: list[tuple[Request, int]], chunk: int):
+        """Dispatches one jitted call for rows (each with <= chunk new tokens); returns the sampled tokens."""
+        b = _bucket(len(rows), self.batch_cap)
+        width = self._width(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows))
+        tokens = np.zeros((b, chunk), np.int32)
+        starts, n_new, seeds, steps, top_k = (np.zeros(b, np.int32) for _ in range(5))
+        temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
+        tables = np.zeros((b, width), np.int32)
+        for j, (r, n) in enumerate(rows):
+            tokens[j, :n] = r.tokens[r.num_cached:r.num_cached + n]
+            starts[j], n_new[j] = r.num_cached, n
+            tables[j, :len(r.pages)] = r.pages[:width]
+            p = r.params
+            seeds[j], steps[j], top_k[j], temperature[j], top_p[j] = (p.seed, r.num_generated, p.top_k,
+                                                                      p.temperature, p.top_p)
+        return self._call(tokens, starts, n_new, tables, seeds, steps, temperature, top_k, top_p)
+
+    def _call(self, *arrays):
+        out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *map(jnp.asarray, arrays))
+        return out
+
+    def _width(self, pages: int) -> int:
+        return _bucket(pages, self.max_pages_per_seq, MIN_TABLE_BUCKET)
+
+    def bucket_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (batch, chunk, block-table width) a step can use: all that steady state ever compiles."""
+        batches = sorted({_bucket(n, self.batch_cap) for n in range(1, self.max_running + 1)})
+        chunks = [1] + sorted({_bucket(n, self.chunk_cap, MIN_CHUNK_BUCKET)
+                               for n in range(2, self.max_prefill_chunk + 1)})
+        widths = sorted({self._width(n) for n in range(1, self.max_pages_per_seq + 1)})
+        return [(b, t, w) for b in batches for t in chunks for w in widths]
+
+    def warmup(self) -> int:
+        """Compiles every bucket shape up front with all-padding batches (they write only the trash page), so no
+        request ever waits for a compilation. Returns the number of shapes."""
+        shapes = self.bucket_shapes()
+        for b, t, w in shapes:
+            z = np.zeros(b, np.int32)
+            out = self._call(np.zeros((b, t), np.int32), z, z, np.zeros((b, w), np.int32), z, z,
+                             np.zeros(b, np.float32), z, np.ones(b, np.float32))
+        out.block_until_ready()
+        return len(shapes)
+
+    def step(self) -> list[StepOutput]:
+        rows = self._schedule()
+        if not rows:
+            return []
+        single = [(r, n) for r, n in rows if n == 1]
+        multi = [(r, n) for r, n in rows if n > 1]
+        launched = []
+        if single:
+            launched.append((single, self._launch(single, 1)))
+        if multi:
+            chunk = _bucket(max(n for _, n in multi), self.chunk_cap, MIN_CHUNK_BUCKET)
+            launched.append((multi, self._launch(multi, chunk)))
+        self.counters["steps"] += 1
+        outputs = []
+        for group, sampled in launched:
+            sampled = np.asarray(sampled)
+            for j, (req, n) in enumerate(group):
+                req.num_cached += n
+                self.counters["computed_tokens"] += n
+                if req.num_cached < len(req.tokens):  # a prefill chunk short of the end: nothing sampled
+                    self._register_full_pages(req)
+                    continue
+                outputs.append(self._append(req, int(sampled[j])))
+        return outputs
+
+    def _append(self, req: Request, token: int) -> StepOutput:
+        req.tokens.append(token)
+        self.counters["generated_tokens"] += 1
+        if token in req.params.stop_ids:
+            req.finish_reason = "stop"
+        elif req.num_generated >= req.params.max_tokens or len(req.tokens) >= self.max_model_len:
+            req.finish_reason = "length"
+        self._register_full_pages(req)  # before any free: a finished prompt's pages stay cached for reuse
+        if req.finished:
+            self.running.remove(req)
+            self._free(req)
+        return StepOutput(req, token, req.finished)
+
+    def run_to_completion(self, requests: list[Request]) -> dict[str, list[int]]:
+        """Offline helper: adds all requests, steps until done; returns {id: new tokens}."""
+        for r in requests:
+            self.add(r)
+        while self.has_work:
+            self.step()
+        return {r.id: r.output for r in requests}
+
+
+def compiled_shapes() -> int:
+    """How many shapes the shared jitted step has compiled (tests: steady state adds none)."""
+    return step_and_sample._cache_size()
+

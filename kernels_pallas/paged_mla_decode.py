@@ -1,0 +1,105 @@
+"""Flash-decoding over a *paged* MLA latent cache (absorbed weights, MQA form).
+
+The cache is one pool of fixed-size pages per layer stack, ckv [L, P, page, C] / krope [L, P, page, R]; row b's
+tokens live in the pages listed by block_tables[b] (token t at page block_tables[b, t // page], slot t % page).
+The kernel is `mla_decode`'s: same per-block body (`_decode_kernel`), same split-K merge (`combine_splits`);
+only the cache index map differs — it reads the page id out of the block table, a scalar-prefetch operand, so
+the pipeline DMAs each page straight from the pool with no gather copy.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas import resolve_backend
+from kernels_pallas.mla_decode import _decode_kernel, combine_splits
+from kernels_pallas.reference import mla_decode_reference
+
+
+def gather_pages(pool, block_tables, layer):
+    """pool [L, P, page, X], block_tables [B, N] → row b's cache [B, N·page, X] (layer `layer`)."""
+    pages = pool[layer, block_tables]  # [B, N, page, X]: one gather of the listed pages, no slice of the pool
+    return pages.reshape(pages.shape[0], -1, pages.shape[-1])
+
+
+def paged_mla_decode_reference(q_lat, q_rope, ckv, krope, block_tables, lengths, *, scale, layer):
+    """Pure-jnp paged decode: gather each row's pages, then `mla_decode_reference`. Returns (o_lat, lse)."""
+    return mla_decode_reference(q_lat, q_rope, gather_pages(ckv, block_tables, layer),
+                                gather_pages(krope, block_tables, layer), lengths, scale=scale)
+
+
+def _paged_kernel(len_ref, layer_ref, bt_ref, *refs, **kw):
+    del bt_ref  # consumed by the index maps only
+    _decode_kernel(len_ref, layer_ref, *refs, **kw)
+
+
+def _paged_pallas(q_lat, q_rope, ckv, krope, block_tables, lengths, layer, *, scale, num_splits, interpret):
+    b, h, c = q_lat.shape
+    page, r = ckv.shape[2], krope.shape[3]
+    n_blocks = block_tables.shape[1]
+    bps = pl.cdiv(n_blocks, num_splits)
+
+    def kv_map(bi, si, ji, len_ref, layer_ref, bt_ref):
+        # Clamped to the row's last valid page: a repeated block index is not re-fetched.
+        last = jnp.maximum(pl.cdiv(len_ref[bi], page) - 1, 0)
+        return layer_ref[0], bt_ref[bi, jnp.minimum(si * bps + ji, last)], 0, 0
+
+    q_map = lambda bi, si, ji, *_: (bi, 0, 0)
+    out_map = lambda bi, si, ji, *_: (bi, si, 0, 0)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, num_splits, bps),
+        in_specs=[
+            pl.BlockSpec((1, h, c), q_map),
+            pl.BlockSpec((1, h, r), q_map),
+            pl.BlockSpec((None, 1, page, c), kv_map),  # layer squeezed; the page dim stays as _decode_kernel's 1
+            pl.BlockSpec((None, 1, page, r), kv_map),
+        ],
+        out_specs=[pl.BlockSpec((1, 1, h, c), out_map), pl.BlockSpec((1, 1, h, 1), out_map)],
+        scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
+                        pltpu.VMEM((h, c), jnp.float32)],
+    )
+    kernel = functools.partial(_paged_kernel, scale=scale, block_t=page, blocks_per_split=bps)
+    f32 = jnp.float32
+    o_part, lse_part = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((b, num_splits, h, c), f32), jax.ShapeDtypeStruct((b, num_splits, h, 1), f32)],
+        grid_spec=grid_spec,
+        interpret=interpret,
+        compiler_params=None if interpret
+        else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        name="paged_mla_decode",
+    )(lengths, layer, block_tables, q_lat, q_rope, ckv, krope)
+    return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "backend"))
+def paged_mla_decode(q_lat, q_rope, ckv, krope, block_tables, lengths, *, scale, layer=0, num_splits=None,
+                     backend="auto"):
+    """Absorbed-MLA decode attention over a paged latent cache.
+
+    q_lat [B,H,C], q_rope [B,H,R]; ckv [L,P,page,C], krope [L,P,page,R] (the pools of a layer stack; `layer`, an
+    int32 scalar that may be traced, picks the layer in place); block_tables [B,N] int32 page ids; lengths [B]
+    int32 (1 <= length <= N·page; positions >= length are ignored, as are pages past the length).
+    Returns (o_lat [B,H,C] in q dtype, lse [B,H] fp32). num_splits: split-K over pages (None fills the device).
+    backend: "auto" | "interpret" | "mosaic_tpu" | "xla" (gather + reference). "mosaic_gpu" takes the XLA path:
+    the Hopper kernel pipelines contiguous blocks and has no paged variant yet.
+    """
+    backend = resolve_backend(backend)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    n = block_tables.shape[1]
+    page = ckv.shape[2]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, n * page)
+    block_tables = block_tables.astype(jnp.int32)
+    if backend in ("xla", "mosaic_gpu"):
+        return paged_mla_decode_reference(q_lat, q_rope, ckv, krope, block_tables, lengths, scale=scale,
+                                          layer=layer[0])
+    if num_splits is None:
+        num_splits = pl.cdiv({"mosaic_tpu": 2}.get(backend, 1), q_lat.shape[0])
+    num_splits = max(1, min(num_splits, n))
+    return _paged_pallas(q_lat, q_rope, ckv, krope, block_tables, lengths, layer, scale=scale,
+                         num_splits=num_splits, interpret=backend == "interpret")
