@@ -15,7 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import resolve_backend
+from kernels_pallas.backends import resolve_backend
 from kernels_pallas.mla_decode import _decode_kernel, combine_splits
 from kernels_pallas.reference import mla_decode_reference
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv2_jax.mla import pallas_backend
+from dsv2_jax.attention_backend import current_platform, select
 from dsv2_jax.model import DeepseekV2, scan_layers
 from dsv2_jax.rope import rope_tables
 from dsv2_jax.sampling import sample
@@ -32,7 +32,7 @@ def _attend(attn, q_nope, q_rope, ckv_pool, krope_pool, layer, block_tables, pos
     if q_nope.shape[1] == 1:
         q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], attn.w_uk[...])
         o_lat, _ = paged_mla_decode(q_lat, q_rope[:, 0], ckv_pool, krope_pool, block_tables, lengths, scale=scale,
-                                    layer=layer, backend=pallas_backend(attn.cfg) or "xla")
+                                    layer=layer, backend=select(attn.cfg.attention_impl, current_platform(), "decode"))
         return jnp.einsum("bhc,chv->bhv", o_lat, attn.w_uv[...])[:, None]
     ckv = gather_pages(ckv_pool, block_tables, layer).astype(q_nope.dtype)
     krope = gather_pages(krope_pool, block_tables, layer).astype(q_nope.dtype)
