@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv2_jax.sharding import BATCH_AXES, LOGICAL_RULES
 import kernels_pallas
 from kernels_pallas.mla_decode import decode_supported
 from kernels_pallas.reference import attention_mask, masked_softmax
@@ -131,8 +132,7 @@ def _axes(mesh, names, dim: int):
 
 
 def _specs(batch: int, heads: int) -> tuple:
-    from dsv2_jax.sharding import BATCH_AXES, LOGICAL_RULES
-
+    """Mesh axes splitting the kernels' batch and heads dimensions (the parameters' heads rule)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None, None

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from dsv2_jax.attention_backend import current_platform
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.expert_parallel import check_expert_mesh, make_experts_fn
 from dsv2_jax.losses import balance_loss, cross_entropy, expert_load
@@ -51,10 +52,14 @@ class Trainer:
         self.graphdef, _ = nnx.split(abstract_model(self.cfg, jnp.float32))
         self.compute_dtype = jnp.dtype(tc.compute_dtype)
         # One device: the model's own dropless experts; several: expert-parallel dispatch in shard_map.
+        # ragged_all_to_all wherever the mesh's devices are not CPUs (an AbstractMesh may name its device).
+        with jax.sharding.use_abstract_mesh(_abstract(mesh)):
+            ragged = current_platform() != "cpu"
         self.experts_fn, self.eval_experts_fn = (
             (make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=True, seq_len=tc.seq_len,
-                             never_drop_every=tc.never_drop_every),
-             make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=False))  # eval never drops
+                             never_drop_every=tc.never_drop_every, use_ragged_all_to_all=ragged),
+             make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=False,  # eval never drops
+                             use_ragged_all_to_all=ragged))
             if mesh.size > 1 else (None, None))
         self.abstract_state = jax.eval_shape(lambda: self._init(0))
         self.state_shardings = tree_shardings(self.abstract_state, mesh)

@@ -23,7 +23,6 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from dsv2_jax.attention_backend import lowering_platform, select, sequence_attention
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.decode import decode_step, prefill
-from dsv2_jax.expert_parallel import make_experts_fn
 from dsv2_jax.latent_cache import LatentCache
 from dsv2_jax.model import abstract_model
 from dsv2_jax.sharding import MESH_AXES, parse_mesh, tree_shardings
@@ -128,10 +127,7 @@ def test_sharded_train_step(platform, mesh_spec, dispatch):
     mesh = target_mesh(platform, mesh_spec)
     tc = TrainConfig(model="deepseek-v2-lite", seq_len=SEQ, global_batch=BATCH, mesh=mesh_spec,
                      moe_dispatch=dispatch)
-    trainer = Trainer(tc, mesh, CFG)
-    # expert_parallel picks ragged_all_to_all by jax.default_backend() (cpu here); name the target instead.
-    trainer.experts_fn = make_experts_fn(mesh, dispatch, tc.capacity_factor, train=True,
-                                         use_ragged_all_to_all=True, seq_len=SEQ)
+    trainer = Trainer(tc, mesh, CFG)  # the mesh names the target device: dropless picks ragged_all_to_all
     state = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), trainer.abstract_state, trainer.state_shardings)
     batch = {k: sds((BATCH, SEQ), jnp.int32, trainer.batch_sharding) for k in BATCH_KEYS}
     text = lower(trainer.step, (state, batch), platform, mesh)

@@ -16,6 +16,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
 SMOKE="${SMOKE:-0}"
+# Boxes are sized for the accelerator; a CPU smoke run compiles slower (BOX_SCALE multiplies every box).
+BOX_SCALE="${BOX_SCALE:-$([ "$SMOKE" = 1 ] && echo 4 || echo 1)}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -33,7 +35,7 @@ step() {
   local name=$1 box=$2 t0 rc
   shift 2
   t0=$(date +%s)
-  timeout "$box" "$@" >"$OUT/$name.txt" 2>&1
+  timeout "$((box * BOX_SCALE))" "$@" >"$OUT/$name.txt" 2>&1
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >>"$OUT/steps.tsv"
   echo "$name: exit $rc after $(($(date +%s) - t0)) s (log $OUT/$name.txt)"
@@ -41,7 +43,9 @@ step() {
 }
 
 "$PY" -c "import jax; print(jax.__version__, jax.devices())" >"$OUT/env.txt" 2>&1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1 || true
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
+fi
 uptime >>"$OUT/env.txt"
 
 if [ "$SMOKE" = 1 ]; then
