@@ -6,6 +6,7 @@ import itertools
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import qwix
 from flax import nnx
@@ -71,3 +72,26 @@ def test_memory_report_counts():
     assert bf16["weight_bytes"] == pytest.approx(2 * 15.7e9, rel=0.01)  # every parameter in bf16 (router fp32)
     assert 0.5 < int8["weight_bytes"] / bf16["weight_bytes"] < 0.53
     assert int8["cache_bytes_per_token"] == 27 * 576 * 2
+
+
+def test_qlora_adapters_on_an_int8_base(released):
+    """LoRA on the int8 base: B = 0 is the int8 model exactly, and gradients reach the adapters through the scan."""
+    import jax
+
+    from dsv2_jax.lora import LoraConfig, adapter_shapes, init_adapters, with_adapters
+    from dsv2_jax.orbax_io import flatten
+
+    q = load_model(released, quantize="int8")
+    graphdef, state = nnx.split(q)
+    lc = LoraConfig(2, 4.0, ("attn", "shared"))
+    adapters = init_adapters(adapter_shapes(q.config, lc), jax.random.key(0))
+    tokens = jnp.asarray([[0, 5, 9, 7, 3, 11]], jnp.int32)
+
+    def forward(ad):
+        return nnx.merge(graphdef, with_adapters(state, ad, lc.scale))(tokens)
+
+    base = jax.jit(lambda st: nnx.merge(graphdef, st)(tokens))(state)
+    np.testing.assert_array_equal(np.asarray(jax.jit(forward)(adapters)), np.asarray(base))
+    grads = flatten(jax.jit(jax.grad(lambda ad: forward(ad).std()))(adapters))
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+    assert all(float(jnp.abs(g).max()) > 0 for p, g in grads.items() if p[-1] == "b")
