@@ -117,7 +117,7 @@ def _tile_table(group_sizes, m: int, tile: int):
     cum = jnp.cumsum(per_group)
     n_max = m // tile + min(e, m) + 1  # Σ ceil(n_e / tile) ≤ M / tile + (non-empty groups)
     t = jnp.arange(n_max)
-    expert = jnp.minimum(jnp.searchsorted(cum, t, side="right"), e - 1).astype(jnp.int32)
+    expert = jnp.minimum(jnp.searchsorted(cum, t, side="right", method="compare_all"), e - 1).astype(jnp.int32)
     start = ends[expert] - group_sizes[expert] + (t - (cum[expert] - per_group[expert])) * tile
     return expert, start.astype(jnp.int32), ends[expert].astype(jnp.int32), cum[-1]
 

@@ -134,18 +134,19 @@ def bench_layer(e: int, args) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], value, title: str) -> str:
-    """One table: a row per (kind, impl), a column per E, then the E ratios against the smallest E."""
+def markdown(rows: list[dict], value, title: str, ratios: bool = True) -> str:
+    """One table: a row per (kind, impl), a column per E, then (ratios) each E against the smallest E."""
     experts = sorted({r["experts"] for r in rows})
     e0 = experts[0]
-    head = [title] + [f"E={e}" for e in experts] + [f"E={e}/E={e0}" for e in experts[1:]]
+    later = experts[1:] if ratios else []
+    head = [title] + [f"E={e}" for e in experts] + [f"E={e}/E={e0}" for e in later]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["kind"], r["impl"]) for r in rows))
     for kind, impl in keys:
         vals = {r["experts"]: value(r) for r in rows if (r["kind"], r["impl"]) == (kind, impl)}
         cells = [f"{vals[e]:.2f}" if e in vals else "" for e in experts]
-        ratios = [f"{vals[e] / vals[e0]:.2f}×" if e in vals and e0 in vals else "" for e in experts[1:]]
-        lines.append(f"| {kind} {impl} | " + " | ".join(cells + ratios) + " |")
+        cells += [f"{vals[e] / vals[e0]:.2f}×" if e in vals and e0 in vals else "" for e in later]
+        lines.append(f"| {kind} {impl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -238,11 +239,12 @@ def main(argv=None) -> int:
                        f"MoE layer fwd+bwd ms ({args.tokens} tokens)"),
               markdown([r for r in rows if r["kind"].startswith("decode")], lambda r: r["ms"],
                        "MoE layer decode ms/step"),
-              markdown(speedups(rows), lambda r: r["x"], "speedup of ours (auto) over transformers")]
+              markdown(speedups(rows), lambda r: r["x"], "speedup of ours (auto) over transformers", ratios=False)]
     if args.whole_model:
         model_rows = bench_whole_model(experts, args)
         tables.append(markdown(model_rows, lambda r: r["ms"], "tiny model, ms (train step / per token)"))
-        tables.append(markdown(speedups(model_rows), lambda r: r["x"], "tiny model: speedup over transformers"))
+        tables.append(markdown(speedups(model_rows), lambda r: r["x"], "tiny model: speedup over transformers",
+                               ratios=False))
         rows += model_rows
     print("\n\n".join(tables))
     print(f"uptime: {subprocess.getoutput('uptime').strip()}")
