@@ -38,7 +38,10 @@ def make_workload(n: int, rate: float, prompt_range, output_range, vocab: int, s
 
 def run_continuous(model, work, args) -> list[list[float]]:
     """Token timestamps (s since start) per request, through the Scheduler stepping in real time."""
-    sched = Scheduler(model, page_size=args.page_size, max_running=args.max_running,
+    # The pool holds max_running full-length sequences, as the static engine's cache holds its batch (on CPU a
+    # step's cache scatter costs time in proportion to the pool).
+    pages = args.max_running * -(-args.max_model_len // args.page_size) + 1
+    sched = Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=args.max_running,
                       max_tokens_per_step=args.max_tokens_per_step, cache_dtype=jnp.float32,
                       max_model_len=args.max_model_len)
     sched.warmup()  # every bucket shape; the static engine's shapes are compiled by its untimed first pass
