@@ -48,7 +48,8 @@ def run(args) -> int:
         from dsv2_jax.memory_plan import memory_plan
 
         info["memory_per_device_bytes"] = {
-            remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat).as_dict()
+            remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat,
+                               attention=args.attention).as_dict()
             for remat in args.remat}
     print(json.dumps(info, indent=2))
     return 0
@@ -62,4 +63,6 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, help="global batch for the memory plan (1)")
     p.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=["none", "dots", "full"],
                    help="remat policies to plan activations for")
+    p.add_argument("--attention", default="flash", choices=["flash", "xla"],
+                   help="attention core to plan for: flash kernels (GPU/TPU) or XLA (CPU, attention_impl=xla)")
     p.set_defaults(func=run)
