@@ -120,9 +120,17 @@ def activation_bytes(cfg: ModelConfig, local_batch: int, seq_len: int, remat: st
     return int(saved + LAYER_COPIES[remat] * layer)
 
 
+# Attention cores as the plan traces them: "flash" (what GPUs / TPUs run: no [T, T] scores; the Pallas kernel's
+# residuals stand in for tokamax's, which are the same q, k, v, o and softmax statistics) or "xla".
+ATTENTION_IMPLS = {"flash": "pallas", "xla": "xla"}
+
+
 def memory_plan(cfg: ModelConfig, mesh: str | dict | None, seq_len: int, batch: int, remat: str = "none",
-                compute_dtype: str = "bfloat16", moe_dispatch: str = "dropless") -> MemoryPlan:
+                compute_dtype: str = "bfloat16", moe_dispatch: str = "dropless",
+                attention: str = "flash") -> MemoryPlan:
     """Per-device bytes for training `batch` sequences of `seq_len` on `mesh` (and decoding them)."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_IMPLS)}, got {attention!r}")
     from dsv2_jax.train_config import TrainConfig
     from dsv2_jax.train_state import Trainer
 
@@ -139,5 +147,6 @@ def memory_plan(cfg: ModelConfig, mesh: str | dict | None, seq_len: int, batch: 
     cache = cfg.num_hidden_layers * local * seq_len * cfg.latent_cache_dim * jnp.dtype(CACHE_DTYPE).itemsize
     return MemoryPlan(mesh=dict(amesh.shape), seq_len=seq_len, batch=batch, remat=remat, params=params,
                       optimizer=device_bytes(state["opt_state"], shardings["opt_state"]), gradients=params,
-                      activations=activation_bytes(cfg, local, seq_len, remat, jnp.dtype(compute_dtype)),
+                      activations=activation_bytes(cfg.replace(attention_impl=ATTENTION_IMPLS[attention]), local,
+                                                   seq_len, remat, jnp.dtype(compute_dtype)),
                       cache=cache)

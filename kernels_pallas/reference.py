@@ -46,8 +46,9 @@ def mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, *, scale):
     """Absorbed-MLA decode: one query token per sequence over the latent cache.
 
     q_lat [B,H,C], q_rope [B,H,R], ckv [B,T,C], krope [B,T,R], lengths [B] int32 (>= 1).
-    Returns o_lat [B,H,C] (q dtype) and lse [B,H] fp32. Like the kernels, the probabilities meet the cache
-    at its own dtype with fp32 accumulation (so an XLA decode step never upcasts the cache).
+    Returns o_lat [B,H,C] (q dtype) and lse [B,H] fp32. The probabilities meet the cache at the wider of the
+    query and cache dtypes with fp32 accumulation: a 16-bit cache is read as is (as the kernels do), never
+    upcast, while an fp32 model keeps fp32 probabilities over a bf16 cache.
     """
     f32 = jnp.float32
     s = jnp.einsum("bhc,btc->bht", q_lat, ckv, preferred_element_type=f32) + jnp.einsum(
@@ -58,7 +59,8 @@ def mla_decode_reference(q_lat, q_rope, ckv, krope, lengths, *, scale):
     s = jnp.where(valid, s, MASK_VALUE)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(s - lse[..., None])
-    o = jnp.einsum("bht,btc->bhc", p.astype(ckv.dtype), ckv, preferred_element_type=f32)
+    dtype = jnp.promote_types(q_lat.dtype, ckv.dtype)
+    o = jnp.einsum("bht,btc->bhc", p.astype(dtype), ckv.astype(dtype), preferred_element_type=f32)
     return o.astype(q_lat.dtype), lse
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from dsv2_jax.cli import main
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.memory_plan import memory_plan
+from dsv2_jax.memory_plan import ATTENTION_IMPLS, activation_bytes, memory_plan
 from dsv2_jax.sharding import make_mesh
 from dsv2_jax.train_config import TrainConfig
 from dsv2_jax.train_state import BATCH_KEYS, Trainer
@@ -32,7 +32,7 @@ def xla_bytes(mesh_spec: str, seq_len: int, batch: int, remat: str) -> int:
 @pytest.mark.parametrize("mesh_spec,remat", [("", "none"), ("data=2", "full")])
 def test_plan_agrees_with_xla_memory_analysis(mesh_spec, remat):
     seq_len, batch = 128, 4
-    plan = memory_plan(CFG, mesh_spec, seq_len, batch, remat, compute_dtype="float32")
+    plan = memory_plan(CFG, mesh_spec, seq_len, batch, remat, compute_dtype="float32", attention="xla")
     xla = xla_bytes(mesh_spec, seq_len, batch, remat)
     print(f"mesh={mesh_spec or 'single'} remat={remat}: plan {plan.train_total} B, XLA {xla} B, "
           f"ratio {plan.train_total / xla:.3f}")
@@ -42,12 +42,19 @@ def test_plan_agrees_with_xla_memory_analysis(mesh_spec, remat):
 
 
 def test_sharding_divides_the_state_and_remat_shrinks_activations():
-    one = memory_plan(CFG, "", 64, 8, "none")
-    fsdp = memory_plan(CFG, "fsdp=4,expert=2", 64, 8, "none")
-    full = memory_plan(CFG, "fsdp=4,expert=2", 64, 8, "full")
+    one = memory_plan(CFG, "", 64, 8, "none", attention="xla")
+    fsdp = memory_plan(CFG, "fsdp=4,expert=2", 64, 8, "none", attention="xla")
+    full = memory_plan(CFG, "fsdp=4,expert=2", 64, 8, "full", attention="xla")
     assert fsdp.params < one.params / 3  # embed-sharded over fsdp, experts over expert (norms replicated)
     assert full.activations < fsdp.activations
     assert fsdp.cache == one.cache // 8  # batch split over fsdp x expert
+
+
+def test_flash_attention_plan_has_no_quadratic_term():
+    """Planned for the kernels (default), activations grow linearly in seq_len; XLA attention's grow faster."""
+    acts = lambda impl, t: activation_bytes(CFG.replace(attention_impl=impl), 1, t, "full", jnp.bfloat16)
+    flash, xla = ([acts(ATTENTION_IMPLS[a], t) for t in (256, 1024)] for a in ("flash", "xla"))
+    assert flash[1] < 4.5 * flash[0] and xla[1] > 6 * xla[0]
 
 
 def test_info_prints_the_plan(capsys):

@@ -65,7 +65,8 @@ def run(args) -> int:
         from dsv2_jax.memory_plan import memory_plan
 
         info["memory_per_device_bytes"] = {
-            remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat).as_dict()
+            remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat,
+                               attention=args.attention).as_dict()
             for remat in args.remat}
     if args.quantize or args.device_gb:
         from dsv2_jax.quantize import memory_report
@@ -84,6 +85,8 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, help="global batch for the memory plan (1)")
     p.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=["none", "dots", "full"],
                    help="remat policies to plan activations for")
+    p.add_argument("--attention", default="flash", choices=["flash", "xla"],
+                   help="attention core to plan for: flash kernels (GPU/TPU) or XLA (CPU, attention_impl=xla)")
     p.add_argument("--quantize", choices=("int8",), help="report int8 weight bytes (and what cache fits)")
     p.add_argument("--device-gb", type=float, help="accelerator memory for the fit estimate (default 24)")
     p.set_defaults(func=run)
