@@ -100,6 +100,8 @@ class TrainConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.data_format not in ("auto", "text", "sft"):
             fail("data_format", f"must be auto, text or sft, got {self.data_format!r}")
+        if self.data_format == "sft" and not self.data:
+            fail("data_format", "sft needs data (JSONL files of messages or prompt/completion records)")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             fail("lora_rank", f"must be a non-negative integer, got {self.lora_rank!r}")
         if self.quantize not in (None, "int8") or (self.quantize and not self.lora_rank):

@@ -75,7 +75,7 @@ def test_memory_report_counts():
 
 
 def test_qlora_adapters_on_an_int8_base(released):
-    """LoRA on the int8 base: B = 0 is the int8 model exactly, and gradients reach the adapters through the scan."""
+    """LoRA on the int8 base: B = 0 is the int8 model (to fusion rounding), and gradients reach the adapters through the scan."""
     import jax
 
     from dsv2_jax.lora import LoraConfig, adapter_shapes, init_adapters, with_adapters
@@ -91,7 +91,7 @@ def test_qlora_adapters_on_an_int8_base(released):
         return nnx.merge(graphdef, with_adapters(state, ad, lc.scale))(tokens)
 
     base = jax.jit(lambda st: nnx.merge(graphdef, st)(tokens))(state)
-    np.testing.assert_array_equal(np.asarray(jax.jit(forward)(adapters)), np.asarray(base))
+    np.testing.assert_allclose(np.asarray(jax.jit(forward)(adapters)), np.asarray(base), atol=1e-5, rtol=0)
     grads = flatten(jax.jit(jax.grad(lambda ad: forward(ad).std()))(adapters))
     assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
     assert all(float(jnp.abs(g).max()) > 0 for p, g in grads.items() if p[-1] == "b")
