@@ -242,7 +242,7 @@ class _Watchdog(threading.Thread):
         # No key-value calls once JAX's shutdown hook (next) has closed the client; its barrier is bounded by
         # shutdown_timeout_seconds.
         self.finished.set()
-        self.join()
+        self.join(timeout=self.timeout)
 
 
 def _flush_and_exit(status: int) -> None:
