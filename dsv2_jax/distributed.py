@@ -96,7 +96,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise DistributedError(f"joining the other processes (coordinator {coordinator or 'auto-detected'}) "
                                f"failed: {first}") from None
     if jax.process_count() > 1:
+        _orbax_barriers_through_the_coordinator()
         _Watchdog(_jax_distributed.global_state.client, heartbeat_timeout, label).start()
+
+
+def _orbax_barriers_through_the_coordinator() -> None:
+    """Orbax syncs processes with device collectives by default; on CPU (gloo) those fail when processes arrive
+    30 s apart, as they can around an asynchronous save. Its flag for the coordination service's barriers instead
+    is an absl flag, so it is set directly (absl flags are otherwise unused here, hence mark_as_parsed)."""
+    import orbax.checkpoint  # noqa: F401  (defines the flag)
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 def add_arguments(parser) -> None:
@@ -242,7 +255,7 @@ class _Watchdog(threading.Thread):
         # No key-value calls once JAX's shutdown hook (next) has closed the client; its barrier is bounded by
         # shutdown_timeout_seconds.
         self.finished.set()
-        self.join()
+        self.join(timeout=self.timeout)
 
 
 def _flush_and_exit(status: int) -> None:

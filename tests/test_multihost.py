@@ -79,8 +79,7 @@ class Cluster:
 
     @staticmethod
     def output(proc) -> str:
-        proc.log.flush()
-        return Path(proc.log.name).read_text()
+        return Path(proc.log.name).read_text()  # the child writes to the file directly
 
     def wait(self, procs, timeout: float = LAUNCH_TIMEOUT_S) -> list[str]:
         """Waits for both; fails (after killing them) if either hangs or exits non-zero."""
@@ -101,6 +100,7 @@ class Cluster:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            p.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,8 @@ def test_killed_process_stops_the_other_and_a_rerun_resumes_on_an_fsdp_mesh(clus
     # Both are gone now. Rerunning both resumes from the newest complete checkpoint, here on an fsdp mesh (the
     # state is resharded on restore; the settings come from the environment, as in README's GPU-host recipe).
     outs = cluster.wait(cluster.launch(workdir, "fsdp=2,expert=2", via_env=True))
-    start = json.loads(outs[0][outs[0].index("{"):])["start_step"]
+    lines = outs[0].splitlines()  # the summary is the indented JSON block process 0 prints last
+    start = json.loads("\n".join(lines[lines.index("{"):]))["start_step"]
     assert 4 <= start < CONFIG["steps"]
     resumed, straight = _losses(workdir), _losses(uninterrupted[0])
     assert resumed[:start] == straight[:start]  # the same mesh up to the kill: bitwise
