@@ -11,7 +11,8 @@ Failure: a watchdog thread in every process beats into the coordinator's key-val
 peer dead after `heartbeat_timeout` seconds without a beat, and a peer that loses the coordinator for that long
 declares it dead. Either way every surviving process prints ONE line and exits with EXIT_PEER_LOST instead of
 blocking in a collective forever; a process that fails on its own (`report_failure`) stops the others the same
-way. JAX's own heartbeat (which aborts with a long log) is set to twice the timeout, as a backstop.
+way. JAX's own heartbeat (which aborts with a long log) is a backstop at four times the timeout, so under load
+the watchdog's one line and exit still come first.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=init_timeout,
-                                   heartbeat_timeout_seconds=int(2 * heartbeat_timeout + 1),
+                                   heartbeat_timeout_seconds=int(4 * heartbeat_timeout + 5),
                                    shutdown_timeout_seconds=int(2 * heartbeat_timeout + 1))
     except ValueError as e:
         missing = [n for n, v in zip(ENV_VARS, (coordinator, num_processes, process_id)) if v is None]
