@@ -213,7 +213,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
@@ -239,7 +239,7 @@ class ModelConfig:
                 p = p / "config.json"
             if not p.is_file():
                 raise ConfigError(f"{p}: config.json not found")
-            d, source = _read_json(p), str(p)
+            d, source = read_json_object(p), str(p)
         return cls(**_hf_fields(d, source), **overrides)
 
 
@@ -257,7 +257,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _read_json(path) -> dict[str, Any]:
+def read_json_object(path) -> dict[str, Any]:
+    """A JSON object from `path`; ConfigError naming the file if it is missing, invalid or not an object."""
     try:
         with open(path) as f:
             d = json.load(f)

@@ -12,7 +12,6 @@ ModelConfig JSON, or an HF `config.json` (either dialect) — `resolve_model_con
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv2_jax.config import ConfigError, ModelConfig
+from dsv2_jax.config import ConfigError, ModelConfig, read_json_object
 
 HF_MARKERS = ("model_type", "architectures", "rope_scaling", "rope_parameters", "torch_dtype")
 
@@ -34,13 +33,7 @@ def resolve_model_config(spec: str | Path) -> ModelConfig:
         return ModelConfig.from_hf(p)
     if p.suffix != ".json":
         return ModelConfig.preset(str(spec))
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: invalid JSON ({e})") from None
-    if isinstance(d, dict) and any(k in d for k in HF_MARKERS):
+    if any(k in read_json_object(p) for k in HF_MARKERS):
         return ModelConfig.from_hf(p)
     return ModelConfig.from_json(p)
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dsv2_jax.config import ConfigError, ModelConfig, dataclass_from_dict
+from dsv2_jax.config import ConfigError, ModelConfig, dataclass_from_dict, read_json_object
 
 REMAT_CHOICES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -134,14 +134,7 @@ class TrainConfig:
         """A TrainConfig JSON file, or a model preset / ModelConfig JSON (train with defaults)."""
         p = Path(spec)
         if p.suffix == ".json":
-            if not p.is_file():
-                raise ConfigError(f"{p}: file not found")
-            try:
-                d = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{p}: invalid JSON ({e})") from None
-            if not isinstance(d, dict):
-                raise ConfigError(f"{p}: expected a JSON object")
+            d = read_json_object(p)
             if "vocab_size" in d:  # a model config (ours or HF's), not a train config
                 return cls(model=str(p))
             return cls.from_dict(d, source=str(p))
