@@ -1,10 +1,10 @@
 """dsv2-jax: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in JAX / Flax NNX."""
 
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.convert import load_checkpoint
-from dsv2_jax.engine import DecodeEngine, generate
-from dsv2_jax.model import DeepseekV2, abstract_model, init_model
-from dsv2_jax.safetensors_io import CheckpointError
+from dsv2_jax.checkpoint.convert import load_checkpoint
+from dsv2_jax.infer.engine import DecodeEngine, generate
+from dsv2_jax.model.transformer import DeepseekV2, abstract_model, init_model
+from dsv2_jax.checkpoint.safetensors_io import CheckpointError
 
 
 def load_model(path, dtype="float32", *, mesh=None, shardings=None, quantize=None, **config_overrides) -> DeepseekV2:
@@ -19,10 +19,10 @@ def load_model(path, dtype="float32", *, mesh=None, shardings=None, quantize=Non
     A LoRA run directory (lora.json, lora.py) loads its base with the newest adapters merged in.
     """
     if quantize is not None:
-        from dsv2_jax.quantize import load_quantized
+        from dsv2_jax.infer.quantize import load_quantized
 
         return load_quantized(path, dtype, quantize, mesh=mesh, **config_overrides)
-    from dsv2_jax.lora import is_lora_run, load_lora_model
+    from dsv2_jax.train.lora import is_lora_run, load_lora_model
 
     if is_lora_run(path):
         return load_lora_model(path, dtype, mesh=mesh, **config_overrides)

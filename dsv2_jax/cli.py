@@ -12,7 +12,7 @@ import sys
 
 from dsv2_jax.config import ConfigError
 from dsv2_jax.errors import one_line
-from dsv2_jax.safetensors_io import CheckpointError
+from dsv2_jax.checkpoint.safetensors_io import CheckpointError
 
 SUBCOMMAND_MODULES = [
     "dsv2_jax.commands.info",

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsv2_jax.attention_backend import IMPLS as ATTENTION_IMPLS
+from dsv2_jax.ops.attention_backend import IMPLS as ATTENTION_IMPLS
 
 # Presets: configs/ of a source checkout, or the copy a wheel installs as dsv2_jax/configs/.
 CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",

@@ -1,7 +1,7 @@
 """Kernel backends and which one each JAX platform compiles.
 
 The kernels take an explicit backend; choosing one for a model config and phase is
-dsv2_jax.attention_backend's job (this module only names what exists).
+dsv2_jax.ops.attention_backend's job (this module only names what exists).
 """
 
 import jax

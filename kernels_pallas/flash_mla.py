@@ -258,12 +258,12 @@ def flash_mla_attention(q, k, v, *, scale, segment_ids=None, causal=True, block_
 
     segment_ids [B,T] int32 (>= 0) restricts attention to equal ids. Differentiable
     w.r.t. q, k, v. backend: "auto" | "interpret" | "mosaic_tpu" | "xla" (the
-    reference). GPUs run tokamax's flash attention instead (dsv2_jax.attention_backend).
+    reference). GPUs run tokamax's flash attention instead (dsv2_jax.ops.attention_backend).
     """
     backend = resolve_backend(backend)
     if backend == "mosaic_gpu":
         raise ValueError("flash_mla_attention has no Mosaic GPU kernel; on GPU use tokamax's flash attention "
-                         "(dsv2_jax.attention_backend.tokamax_attention)")
+                         "(dsv2_jax.ops.attention_backend.tokamax_attention)")
     if backend == "xla":
         return mla_attention_reference(q, k, v, scale=scale, segment_ids=segment_ids, causal=causal)
     b, t = q.shape[:2]

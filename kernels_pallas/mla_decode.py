@@ -288,7 +288,7 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, layer=None, block_t
     if not decode_supported(backend, q_lat.dtype, ckv.dtype, t, block_t):
         raise ValueError(f"mla_decode backend {backend!r} needs q and cache in one 16-bit dtype and whole "
                          f"{block_t}-row blocks, got {q_lat.dtype} / {ckv.dtype} with {t} rows "
-                         "(dsv2_jax.attention_backend decodes these with 'xla')")
+                         "(dsv2_jax.ops.attention_backend decodes these with 'xla')")
     if backend == "xla":
         pick = lambda a: lax.dynamic_index_in_dim(a, layer[0], 0, keepdims=False)
         return mla_decode_reference(q_lat, q_rope, pick(ckv), pick(krope), lengths, scale=scale)

@@ -19,8 +19,8 @@ from safetensors.numpy import save_file
 
 import dsv2_jax
 from dsv2_jax.cli import main
-from dsv2_jax.convert import PARAMS_DIR
-from dsv2_jax.safetensors_io import SafetensorsCheckpoint
+from dsv2_jax.checkpoint.convert import PARAMS_DIR
+from dsv2_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = np.array([[1, 5, 9, 33, 120, 7, 64, 2, 150, 11, 3, 99]])
@@ -201,7 +201,7 @@ def test_existing_output_needs_force(converted, tmp_path, capsys):
 
 
 def test_failure_mid_write_leaves_nothing(hf_v2, tmp_path, monkeypatch, capsys):
-    from dsv2_jax import orbax_io
+    from dsv2_jax.checkpoint import orbax_io
 
     calls = []
     real_write = orbax_io.OrbaxTreeWriter.write

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsv2_jax.data import data_checkpoint_args, default_corpus, make_dataset
+from dsv2_jax.train.data import data_checkpoint_args, default_corpus, make_dataset
 from dsv2_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

@@ -11,12 +11,12 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from dsv2_jax import generate, load_model
-from dsv2_jax.engine import DecodeEngine, decode_and_sample, prefill_and_sample
-from dsv2_jax.latent_cache import LatentCache
+from dsv2_jax.infer.engine import DecodeEngine, decode_and_sample, prefill_and_sample
+from dsv2_jax.infer.latent_cache import LatentCache
 from kernels_pallas.reference import attention_mask
-from dsv2_jax.model import init_model
-from dsv2_jax.rope import rope_tables
-from dsv2_jax.sampling import sample
+from dsv2_jax.model.transformer import init_model
+from dsv2_jax.model.rope import rope_tables
+from dsv2_jax.infer.sampling import sample
 
 NEW = 48
 # Different lengths; 23 + 48 runs well past the tiny configs' original_max_position_embeddings (32 / 16).

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax import moe
+from dsv2_jax.model import moe
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.expert_parallel import check_expert_mesh, make_experts_fn
-from dsv2_jax.sharding import batch_divisor, make_mesh
+from dsv2_jax.parallel.expert_parallel import check_expert_mesh, make_experts_fn
+from dsv2_jax.parallel.sharding import batch_divisor, make_mesh
 
 N, D, E, F = 64, 16, 8, 12
 MESHES = ["data=2,expert=4", "fsdp=2,tensor=2,expert=2"]

@@ -13,13 +13,13 @@ from flax import nnx
 from dsv2_jax import load_model
 from dsv2_jax.cli import main
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.init_from import initial_state, make_trainer
-from dsv2_jax.losses import cross_entropy
-from dsv2_jax.orbax_io import flatten, unflatten
-from dsv2_jax.sft_data import load_examples, make_sft_dataset
-from dsv2_jax.sharding import make_mesh
+from dsv2_jax.train.init_from import initial_state, make_trainer
+from dsv2_jax.train.losses import cross_entropy
+from dsv2_jax.checkpoint.orbax_io import flatten, unflatten
+from dsv2_jax.train.sft_data import load_examples, make_sft_dataset
+from dsv2_jax.parallel.sharding import make_mesh
 from dsv2_jax.tokenizer import load_tokenizer
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.train.config import TrainConfig
 from finetune_fixtures import make_released, write_sft
 
 TOKENS = np.asarray(np.random.default_rng(0).integers(4, 100, (2, 12)), np.int32)
@@ -165,7 +165,7 @@ def lora_run(released, sft_file, tmp_path_factory):
 
 
 def test_lora_with_zero_b_is_the_base(released):
-    from dsv2_jax.lora import LoraConfig, adapter_shapes, with_adapters
+    from dsv2_jax.train.lora import LoraConfig, adapter_shapes, with_adapters
 
     base = load_model(released)
     lc = LoraConfig(4, 8.0, ("attn", "mlp", "shared", "experts"))
@@ -182,9 +182,9 @@ def test_lora_with_zero_b_is_the_base(released):
 def test_lora_trains_adapters_only_and_merged_export_matches(lora_run, released, tmp_path):
     from transformers import DeepseekV2ForCausalLM
 
-    from dsv2_jax.checkpointing import latest_state_dir
-    from dsv2_jax.lora import load_adapters, read_lora_run, with_adapters
-    from dsv2_jax.orbax_io import OrbaxTreeReader
+    from dsv2_jax.checkpoint.train_checkpoints import latest_state_dir
+    from dsv2_jax.train.lora import load_adapters, read_lora_run, with_adapters
+    from dsv2_jax.checkpoint.orbax_io import OrbaxTreeReader
 
     stored = OrbaxTreeReader(latest_state_dir(lora_run), ("params",)).paths
     assert stored and {p[-1] for p in stored} == {"a", "b"}  # the checkpoint holds adapters, not the base

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax import grouped_gemm as gg
-from dsv2_jax import moe
+from dsv2_jax.ops import grouped_gemm as gg
+from dsv2_jax.model import moe
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.expert_parallel import make_experts_fn
-from dsv2_jax.sharding import make_mesh
+from dsv2_jax.parallel.expert_parallel import make_experts_fn
+from dsv2_jax.parallel.sharding import make_mesh
 
 E, D, F = 8, 16, 12
 # Expert choice per (token, slot). "ragged": top-3 over 4 of the 8 experts (4 empty, one holding ~half the

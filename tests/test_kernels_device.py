@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax.attention_backend import tokamax_attention
+from dsv2_jax.ops.attention_backend import tokamax_attention
 from kernels_pallas import default_backend, flash_mla_attention, mla_decode
 from kernels_pallas.reference import mla_attention_reference, mla_decode_reference
 

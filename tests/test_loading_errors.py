@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dsv2_jax
-from dsv2_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint, write_safetensors
+from dsv2_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, write_safetensors
 
 
 @pytest.fixture

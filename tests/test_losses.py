@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax import moe
+from dsv2_jax.model import moe
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.losses import BALANCE_TERMS, balance_loss, balance_terms, cross_entropy, expert_load
+from dsv2_jax.train.losses import BALANCE_TERMS, balance_loss, balance_terms, cross_entropy, expert_load
 
 
 def test_cross_entropy_matches_numpy_and_ignores_masked():

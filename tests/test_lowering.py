@@ -20,14 +20,14 @@ from flax import nnx
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from dsv2_jax.attention_backend import lowering_platform, select, sequence_attention
+from dsv2_jax.ops.attention_backend import lowering_platform, select, sequence_attention
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.decode import decode_step, prefill
-from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.model import abstract_model
-from dsv2_jax.sharding import MESH_AXES, parse_mesh, tree_shardings
-from dsv2_jax.train_config import TrainConfig
-from dsv2_jax.train_state import BATCH_KEYS, Trainer
+from dsv2_jax.infer.decode import decode_step, prefill
+from dsv2_jax.infer.latent_cache import LatentCache
+from dsv2_jax.model.transformer import abstract_model
+from dsv2_jax.parallel.sharding import MESH_AXES, parse_mesh, tree_shardings
+from dsv2_jax.train.config import TrainConfig
+from dsv2_jax.train.state import BATCH_KEYS, Trainer
 from kernels_pallas import default_backend, mla_decode
 
 pytest.importorskip("tokamax")
@@ -174,7 +174,7 @@ def test_dispatch_table():
 
 def test_tokamax_wrapper_matches_reference_with_packed_segments():
     """The segment ids -> per-query key ranges translation, run through tokamax's XLA implementation here."""
-    from dsv2_jax.attention_backend import tokamax_attention
+    from dsv2_jax.ops.attention_backend import tokamax_attention
     from kernels_pallas.reference import mla_attention_reference
 
     ks = jax.random.split(jax.random.key(0), 3)

@@ -1,4 +1,4 @@
-"""dsv2_jax.memory_plan against XLA's own memory analysis of the compiled train step (CPU, small configs)."""
+"""dsv2_jax.parallel.memory_plan against XLA's own memory analysis of the compiled train step (CPU, small configs)."""
 
 import json
 
@@ -8,10 +8,10 @@ import pytest
 
 from dsv2_jax.cli import main
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.memory_plan import ATTENTION_IMPLS, activation_bytes, memory_plan
-from dsv2_jax.sharding import make_mesh
-from dsv2_jax.train_config import TrainConfig
-from dsv2_jax.train_state import BATCH_KEYS, Trainer
+from dsv2_jax.parallel.memory_plan import ATTENTION_IMPLS, activation_bytes, memory_plan
+from dsv2_jax.parallel.sharding import make_mesh
+from dsv2_jax.train.config import TrainConfig
+from dsv2_jax.train.state import BATCH_KEYS, Trainer
 
 CFG = ModelConfig.preset("tiny")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsv2_jax.metrics_log import read_metrics
+from dsv2_jax.train.metrics_log import read_metrics
 from tests.train_fixtures import TEST_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,11 +126,11 @@ def uninterrupted(cluster):
 @pytest.fixture(scope="module")
 def reference(cluster) -> list[float]:
     """One process, four of this process's devices, the same global batches: process 0's rows, then process 1's."""
-    from dsv2_jax.data import make_dataset
-    from dsv2_jax.sharding import make_mesh, shard_batch
+    from dsv2_jax.train.data import make_dataset
+    from dsv2_jax.parallel.sharding import make_mesh, shard_batch
     from dsv2_jax.tokenizer import load_tokenizer
-    from dsv2_jax.train_config import TrainConfig
-    from dsv2_jax.train_state import BATCH_KEYS, Trainer
+    from dsv2_jax.train.config import TrainConfig
+    from dsv2_jax.train.state import BATCH_KEYS, Trainer
 
     tc = TrainConfig.from_dict(CONFIG).replace(mesh="data=2,expert=2")
     mesh = make_mesh(tc.mesh)
@@ -196,7 +196,7 @@ def test_killed_process_stops_the_other_and_a_rerun_resumes_on_an_fsdp_mesh(clus
 def test_generate_over_a_two_process_mesh(cluster, uninterrupted):
     """`dsv2 generate --mesh` across both processes (each restores only its shards) == one process, unsharded."""
     import dsv2_jax
-    from dsv2_jax.engine import DecodeEngine
+    from dsv2_jax.infer.engine import DecodeEngine
 
     workdir = uninterrupted[0]
     prompt = [1, 50, 60, 70]
@@ -224,7 +224,7 @@ def test_missing_setting_is_named_in_one_line(cluster):
 
 
 def test_settings_from_flags_and_environment(monkeypatch):
-    from dsv2_jax.distributed import DistributedError, resolve
+    from dsv2_jax.parallel.distributed import DistributedError, resolve
 
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)

@@ -14,10 +14,10 @@ from flax import nnx
 from dsv2_jax import load_model
 from dsv2_jax.cli import main
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.data import make_dataset
-from dsv2_jax.quantize import greedy_agreement, memory_report, perplexity
+from dsv2_jax.train.data import make_dataset
+from dsv2_jax.infer.quantize import greedy_agreement, memory_report, perplexity
 from dsv2_jax.tokenizer import load_tokenizer
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.train.config import TrainConfig
 from finetune_fixtures import make_released
 
 
@@ -31,7 +31,7 @@ def released(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The main job's recipe (tiny preset, byte tokenizer, standard-library sources), shortened."""
-    from dsv2_jax.train import train
+    from dsv2_jax.train.loop import train
 
     work = tmp_path_factory.mktemp("trained")
     tc = TrainConfig.load("configs/train-tiny.json").replace(steps=40, seq_len=64, warmup_steps=10,
@@ -78,8 +78,8 @@ def test_qlora_adapters_on_an_int8_base(released):
     """LoRA on the int8 base: B = 0 is the int8 model (to fusion rounding), and gradients reach the adapters through the scan."""
     import jax
 
-    from dsv2_jax.lora import LoraConfig, adapter_shapes, init_adapters, with_adapters
-    from dsv2_jax.orbax_io import flatten
+    from dsv2_jax.train.lora import LoraConfig, adapter_shapes, init_adapters, with_adapters
+    from dsv2_jax.checkpoint.orbax_io import flatten
 
     q = load_model(released, quantize="int8")
     graphdef, state = nnx.split(q)

@@ -16,12 +16,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv2_jax import convert as convert_mod
+from dsv2_jax.checkpoint import convert as convert_mod
 from dsv2_jax.cli import main
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint, write_safetensors
-from dsv2_jax.train import train
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, write_safetensors
+from dsv2_jax.train.loop import train
+from dsv2_jax.train.config import TrainConfig
 from tests.train_fixtures import make_test_config, synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def test_full_disk_and_permission_errors_are_one_line(hf_v2, tmp_path, capsys, m
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr("dsv2_jax.safe_output.tempfile.mkdtemp", read_only)
+    monkeypatch.setattr("dsv2_jax.checkpoint.safe_output.tempfile.mkdtemp", read_only)
     rc, err = cli(capsys, "convert", hf_v2[0], tmp_path / "conv2", "--quiet")
     assert rc == 2
     one_error(err, "convert", f"{tmp_path}: Permission denied")
@@ -140,7 +140,7 @@ def test_stale_temps_are_removed_and_ctrl_c_is_one_line(hf_v2, tmp_path, capsys,
         if pid is not None:
             record = {"tool": "dsv2-jax", "pid": pid, "host": os.uname().nodename}
             (d / ".dsv2-writer.json").write_text(json.dumps(record))  # safe_output.WRITER_RECORD
-    from dsv2_jax import orbax_io
+    from dsv2_jax.checkpoint import orbax_io
 
     calls = []
     real = orbax_io.OrbaxTreeWriter.write
@@ -310,7 +310,7 @@ def test_a_mixed_dtype_checkpoint_needs_an_explicit_dtype(hf_v2, tmp_path, capsy
 
 def test_generation_arguments_are_checked(hf_v2, tmp_path, capsys):
     import dsv2_jax
-    from dsv2_jax.engine import DecodeEngine
+    from dsv2_jax.infer.engine import DecodeEngine
 
     base = ["generate", "--checkpoint", hf_v2[0], "--prompt-ids", "5,6,7,8,9", "--max-new-tokens", "6",
             "--dtype", "float32", "--json"]

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import V2_STYLE
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.engine import DecodeEngine
-from dsv2_jax.model import init_model
+from dsv2_jax.infer.engine import DecodeEngine
+from dsv2_jax.model.transformer import init_model
 from dsv2_jax.serve.page_allocator import PageAllocator, page_hashes
 from dsv2_jax.serve.request import Request, SamplingParams
 from dsv2_jax.serve.scheduler import Scheduler, compiled_shapes

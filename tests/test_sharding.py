@@ -7,8 +7,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.model import abstract_model
-from dsv2_jax.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, logical_to_spec, make_mesh, parse_mesh,
+from dsv2_jax.model.transformer import abstract_model
+from dsv2_jax.parallel.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, logical_to_spec, make_mesh, parse_mesh,
                                shard_batch, tree_shardings, tree_specs)
 
 

@@ -13,13 +13,13 @@ import pytest
 
 from dsv2_jax import cli
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.flops import forward_flops_per_token, train_flops_per_token
-from dsv2_jax.metrics_log import read_metrics
-from dsv2_jax.schedule import learning_rate
-from dsv2_jax.sharding import make_mesh, shard_batch
-from dsv2_jax.train import TrainingDiverged, train
-from dsv2_jax.train_config import TrainConfig
-from dsv2_jax.train_state import Trainer
+from dsv2_jax.model.flops import forward_flops_per_token, train_flops_per_token
+from dsv2_jax.train.metrics_log import read_metrics
+from dsv2_jax.train.schedule import learning_rate
+from dsv2_jax.parallel.sharding import make_mesh, shard_batch
+from dsv2_jax.train.loop import TrainingDiverged, train
+from dsv2_jax.train.config import TrainConfig
+from dsv2_jax.train.state import Trainer
 from tests.train_fixtures import make_batch, synthetic_dataset, make_test_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_sharded_train_step_matches_single_device(single_device_run, spec):
 RUN_SCRIPT = """
 import sys
 from tests.train_fixtures import synthetic_dataset, make_test_config
-from dsv2_jax.train import train
+from dsv2_jax.train.loop import train
 stall = None if sys.argv[2] == "none" else int(sys.argv[2])
 train(make_test_config(steps=8, checkpoint_every=4), sys.argv[1], dataset=synthetic_dataset(8, 16, stall_at=stall),
       progress=False)
@@ -164,7 +164,7 @@ def _blank_file(p):
 @pytest.mark.parametrize("make_source, message", [
     (_missing, "does not exist"), (_empty_dir, "no usable files"), (_blank_file, "empty corpus")])
 def test_cli_bad_data_paths_fail_clearly(tmp_path, capsys, make_source, message):
-    pytest.importorskip("dsv2_jax.data")
+    pytest.importorskip("dsv2_jax.train.data")
     source = make_source(tmp_path)
     rc = cli.main(["train", "--config", "configs/train-tiny.json", "--workdir", str(tmp_path / "w"),
                    "--data", str(source), "--no-progress"])

@@ -1,4 +1,4 @@
-"""Synthetic packed batches for training tests (the layout of dsv2_jax.data), as a checkpointable grain dataset."""
+"""Synthetic packed batches for training tests (the layout of dsv2_jax.train.data), as a checkpointable grain dataset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import grain
 import numpy as np
 
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.train.config import TrainConfig
 
 # A small 2-layer (1 dense + 1 MoE) model keeps compile time low; routing is group-limited over 4 groups.
 TEST_MODEL = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dsv2_jax.config import ModelConfig, to_hf_dict  # noqa: E402
-from dsv2_jax.hf_checkpoint import hf_layer_names, top_entries  # noqa: E402
-from dsv2_jax.safetensors_io import INDEX_FILE, write_safetensors  # noqa: E402
+from dsv2_jax.checkpoint.hf_checkpoint import hf_layer_names, top_entries  # noqa: E402
+from dsv2_jax.checkpoint.safetensors_io import INDEX_FILE, write_safetensors  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

@@ -21,11 +21,11 @@ import numpy as np
 from flax import nnx
 
 from dsv2_jax import DecodeEngine, ModelConfig, load_model
-from dsv2_jax.engine import decode_and_sample
-from dsv2_jax.latent_cache import LatentCache
+from dsv2_jax.infer.engine import decode_and_sample
+from dsv2_jax.infer.latent_cache import LatentCache
 from kernels_pallas.reference import masked_softmax
-from dsv2_jax.model import scan_layers
-from dsv2_jax.rope import rope_tables
+from dsv2_jax.model.transformer import scan_layers
+from dsv2_jax.model.rope import rope_tables
 
 
 def cache_table(cfg: ModelConfig, name: str) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Decode: effective HBM bandwidth (latent-cache bytes read / time) and speedup
 over the reference. Prefill: TFLOP/s of the forward and of forward+backward
-(GPU: tokamax's Mosaic GPU flash attention, as dsv2_jax.attention_backend uses).
+(GPU: tokamax's Mosaic GPU flash attention, as dsv2_jax.ops.attention_backend uses).
 Prints a table; --out appends one JSON object per row. `--small` runs tiny
 shapes (in Pallas interpret mode on CPU) so the script is exercised in CI.
 
@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dsv2_jax.attention_backend import tokamax_attention
+from dsv2_jax.ops.attention_backend import tokamax_attention
 from kernels_pallas import default_backend, flash_mla_attention, mla_decode
 from kernels_pallas.reference import mla_attention_reference, mla_decode_reference
 

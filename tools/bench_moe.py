@@ -30,9 +30,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools: bench_train, bench_decode
 
-from dsv2_jax import moe  # noqa: E402
+from dsv2_jax.model import moe  # noqa: E402
 from dsv2_jax.config import ModelConfig, to_hf_dict  # noqa: E402
-from dsv2_jax.model import init_model  # noqa: E402
+from dsv2_jax.model.transformer import init_model  # noqa: E402
 
 
 def median_ms(fn, reps: int) -> float:

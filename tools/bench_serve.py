@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.engine import DecodeEngine
-from dsv2_jax.model import init_model
+from dsv2_jax.infer.engine import DecodeEngine
+from dsv2_jax.model.transformer import init_model
 from dsv2_jax.serve.request import Request, SamplingParams
 from dsv2_jax.serve.scheduler import Scheduler
 

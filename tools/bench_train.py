@@ -3,7 +3,7 @@
     python tools/bench_train.py --config configs/train-tiny.json [--mesh data=2,expert=4] [--set KEY=VALUE ...]
 
 Random tokens (packed-batch layout, one document per row) so the data pipeline is not measured. MFU uses
-dsv2_jax.flops (MLA + MoE matmul FLOPs) and the chip's bf16 peak (or --peak-tflops per device).
+dsv2_jax.model.flops (MLA + MoE matmul FLOPs) and the chip's bf16 peak (or --peak-tflops per device).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 import jax
 import numpy as np
 
-from dsv2_jax.flops import peak_flops, train_flops_per_token
-from dsv2_jax.sharding import make_mesh, shard_batch
-from dsv2_jax.train_config import TrainConfig
-from dsv2_jax.train_state import Trainer
+from dsv2_jax.model.flops import peak_flops, train_flops_per_token
+from dsv2_jax.parallel.sharding import make_mesh, shard_batch
+from dsv2_jax.train.config import TrainConfig
+from dsv2_jax.train.state import Trainer
 
 
 def random_batch(tc: TrainConfig, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

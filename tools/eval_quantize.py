@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from dsv2_jax import load_model
-from dsv2_jax.data import make_dataset
-from dsv2_jax.quantize import greedy_agreement, memory_report, perplexity
+from dsv2_jax.train.data import make_dataset
+from dsv2_jax.infer.quantize import greedy_agreement, memory_report, perplexity
 from dsv2_jax.tokenizer import load_tokenizer
 
 PROMPT = "import os\n\n\ndef main(argv):\n    "

@@ -31,7 +31,7 @@ def return_freed_buffers_to_os() -> None:
 
 
 def run_convert(args) -> int:
-    from dsv2_jax.convert import convert_hf_to_orbax
+    from dsv2_jax.checkpoint.convert import convert_hf_to_orbax
 
     return_freed_buffers_to_os()
 
@@ -42,8 +42,8 @@ def run_convert(args) -> int:
 
 
 def run_export(args) -> int:
-    from dsv2_jax.convert import export_orbax_to_hf
-    from dsv2_jax.lora import export_merged, is_lora_run
+    from dsv2_jax.checkpoint.convert import export_orbax_to_hf
+    from dsv2_jax.train.lora import export_merged, is_lora_run
 
     return_freed_buffers_to_os()
     if is_lora_run(args.ckpt_dir) != bool(args.merge_lora):

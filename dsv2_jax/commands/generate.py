@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsv2_jax import distributed
+from dsv2_jax.parallel import distributed
 
 
 def parse_ids(text: str) -> list[int]:
@@ -32,8 +32,8 @@ def load_text_tokenizer(checkpoint: Path):
 
 def run(args) -> int:
     from dsv2_jax import load_model
-    from dsv2_jax.engine import DecodeEngine
-    from dsv2_jax.sampling_args import check_max_new_tokens, check_sampling
+    from dsv2_jax.infer.engine import DecodeEngine
+    from dsv2_jax.infer.sampling_args import check_max_new_tokens, check_sampling
 
     try:
         distributed.initialize_from_args(args, label="dsv2 generate")
@@ -52,7 +52,7 @@ def run(args) -> int:
     tokenizer = load_text_tokenizer(checkpoint) if needs_text else None
     mesh = None
     if args.mesh:
-        from dsv2_jax.sharding import make_mesh
+        from dsv2_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
     model = load_model(checkpoint, args.dtype, mesh=mesh, quantize=args.quantize)

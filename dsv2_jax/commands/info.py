@@ -27,14 +27,14 @@ def resolve_config(spec: str) -> ModelConfig:
 
 
 def load_train_config(spec: str):
-    from dsv2_jax.train_config import TrainConfig
+    from dsv2_jax.train.config import TrainConfig
 
     return TrainConfig.load(spec)
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Total and per-token-active parameters (embedding and lm_head included, as the paper counts)."""
-    from dsv2_jax.hf_checkpoint import hf_tensor_shapes
+    from dsv2_jax.checkpoint.hf_checkpoint import hf_tensor_shapes
 
     total = active = 0
     routed_per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -62,14 +62,14 @@ def run(args) -> int:
             info["train"] = {"model": tc.model, "steps": tc.steps, "seq_len": tc.seq_len,
                              "global_batch": tc.global_batch, "tokens": tc.steps * tc.seq_len * tc.global_batch}
     if args.mesh is not None or args.seq_len is not None or args.batch is not None:
-        from dsv2_jax.memory_plan import memory_plan
+        from dsv2_jax.parallel.memory_plan import memory_plan
 
         info["memory_per_device_bytes"] = {
             remat: memory_plan(cfg, args.mesh, args.seq_len or 4096, args.batch or 1, remat,
                                attention=args.attention).as_dict()
             for remat in args.remat}
     if args.quantize or args.device_gb:
-        from dsv2_jax.quantize import memory_report
+        from dsv2_jax.infer.quantize import memory_report
 
         info["memory"] = memory_report(cfg, args.quantize, device_bytes=(args.device_gb or 24) * 1e9)
     print(json.dumps(info, indent=2))

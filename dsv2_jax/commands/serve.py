@@ -28,7 +28,7 @@ def run(args) -> int:
     if args.mesh:
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from dsv2_jax.sharding import make_mesh
+        from dsv2_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
         sharding = NamedSharding(mesh, PartitionSpec())  # the latent is shared by all heads: replicate it

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from dsv2_jax import distributed
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.parallel import distributed
+from dsv2_jax.train.config import TrainConfig
 
 
 def run(args) -> int:
     from dsv2_jax.cli import USER_ERRORS
-    from dsv2_jax.train import TrainingDiverged, train
+    from dsv2_jax.train.loop import TrainingDiverged, train
 
     try:
         joined = distributed.initialize_from_args(args, label="dsv2 train")

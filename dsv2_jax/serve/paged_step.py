@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv2_jax.attention_backend import current_platform, select
-from dsv2_jax.model import DeepseekV2, scan_layers
-from dsv2_jax.rope import rope_tables
-from dsv2_jax.sampling import sample
+from dsv2_jax.ops.attention_backend import current_platform, select
+from dsv2_jax.model.transformer import DeepseekV2, scan_layers
+from dsv2_jax.model.rope import rope_tables
+from dsv2_jax.infer.sampling import sample
 from dsv2_jax.serve.paged_cache import TRASH_PAGE, PagedLatentCache
 from kernels_pallas.paged_mla_decode import gather_pages, paged_mla_decode
 

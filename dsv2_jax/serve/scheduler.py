@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv2_jax.model import DeepseekV2
+from dsv2_jax.model.transformer import DeepseekV2
 from dsv2_jax.serve.page_allocator import PageAllocator, page_hashes
 from dsv2_jax.serve.paged_cache import PagedLatentCache, pages_for_budget
 from dsv2_jax.serve.paged_step import step_and_sample

@@ -20,17 +20,17 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dsv2_jax.checkpointing import PARAMS_PREFIX, PARAMS_SUFFIX, latest_params, latest_state_dir
+from dsv2_jax.checkpoint.train_checkpoints import PARAMS_PREFIX, PARAMS_SUFFIX, latest_params, latest_state_dir
 from dsv2_jax.config import ModelConfig, to_hf_dict
-from dsv2_jax.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
+from dsv2_jax.checkpoint.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
                                     layer_entries, layer_to_hf, load_hf, resolve_dtype, stacked_groups, top_entries,
                                     top_to_hf)
-from dsv2_jax.model import DeepseekV2, abstract_model
-from dsv2_jax.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
+from dsv2_jax.model.transformer import DeepseekV2, abstract_model
+from dsv2_jax.checkpoint.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
                                param_name, restore_tree)
-from dsv2_jax.safe_output import staged_output
-from dsv2_jax.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
-from dsv2_jax.sharding import tree_shardings
+from dsv2_jax.checkpoint.safe_output import staged_output
+from dsv2_jax.checkpoint.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
+from dsv2_jax.parallel.sharding import tree_shardings
 
 PARAMS_DIR = "params"
 HF_CONFIG_FILE = "config.json"

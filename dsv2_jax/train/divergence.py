@@ -21,7 +21,7 @@ def _all_finite(tree) -> jax.Array:
 def unsaveable(trainer, params, batch) -> str | None:
     """Why `params` must not be saved (e.g. "non-finite parameters"), or None if they may.
 
-    trainer: a train_state.Trainer (its jitted eval_step scores `batch`, a sharded batch dict of dsv2_jax.data).
+    trainer: a train_state.Trainer (its jitted eval_step scores `batch`, a sharded batch dict of dsv2_jax.train.data).
     """
     if not bool(_all_finite(params)):
         return "parameters (NaN/Inf after the update)"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.moe import RouterStats
+from dsv2_jax.model.moe import RouterStats
 
 BALANCE_TERMS = ("expert_balance", "device_balance", "comm_balance")
 

@@ -16,14 +16,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from dsv2_jax.attention_backend import current_platform
+from dsv2_jax.ops.attention_backend import current_platform
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.expert_parallel import check_expert_mesh, make_experts_fn
-from dsv2_jax.losses import balance_loss, cross_entropy, expert_load
-from dsv2_jax.model import abstract_model, random_state
-from dsv2_jax.schedule import learning_rate, make_optimizer
-from dsv2_jax.sharding import batch_sharding, tree_shardings
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.parallel.expert_parallel import check_expert_mesh, make_experts_fn
+from dsv2_jax.train.losses import balance_loss, cross_entropy, expert_load
+from dsv2_jax.model.transformer import abstract_model, random_state
+from dsv2_jax.train.schedule import learning_rate, make_optimizer
+from dsv2_jax.parallel.sharding import batch_sharding, tree_shardings
+from dsv2_jax.train.config import TrainConfig
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 FP32_PARAMS = ("w_router",)  # gate math stays in fp32 whatever the compute dtype

@@ -22,7 +22,7 @@ import qwix
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.lazy_params import TARGET_GROUPS, matches, projection_layout
+from dsv2_jax.model.lazy_params import TARGET_GROUPS, matches, projection_layout
 
 QUANTIZE_MODES = ("int8",)
 
@@ -62,7 +62,7 @@ def quantize_state(state: nnx.State, mode: str = "int8", scale_dtype=None, targe
 def place(state: nnx.State, mesh=None) -> nnx.State:
     """Moves a (partly quantized) state to the default device, or to the mesh by the logical-axis rules (a
     QArray's values and scales follow its weight's axes; size-1 scale axes are replicated)."""
-    from dsv2_jax.sharding import logical_to_spec
+    from dsv2_jax.parallel.sharding import logical_to_spec
 
     if mesh is None:
         return jax.device_put(state, jax.devices()[0])
@@ -78,9 +78,9 @@ def place(state: nnx.State, mesh=None) -> nnx.State:
 
 def load_quantized(path, dtype="bfloat16", mode: str = "int8", *, mesh=None, **config_overrides):
     """A checkpoint (any kind load_model reads) loaded on the host, quantized there, then placed."""
-    from dsv2_jax.convert import load_checkpoint
-    from dsv2_jax.hf_checkpoint import resolve_dtype
-    from dsv2_jax.lora import is_lora_run, load_lora_model
+    from dsv2_jax.checkpoint.convert import load_checkpoint
+    from dsv2_jax.checkpoint.hf_checkpoint import resolve_dtype
+    from dsv2_jax.train.lora import is_lora_run, load_lora_model
 
     check_mode(mode)
     cpu = jax.devices("cpu")[0]
@@ -96,8 +96,8 @@ def load_quantized(path, dtype="bfloat16", mode: str = "int8", *, mesh=None, **c
 
 def _everywhere(path, device, dtype, overrides) -> dict:
     """A pure dict of one-device shardings shaped like the checkpoint's parameter tree."""
-    from dsv2_jax.init_from import checkpoint_config
-    from dsv2_jax.model import abstract_model
+    from dsv2_jax.train.init_from import checkpoint_config
+    from dsv2_jax.model.transformer import abstract_model
 
     cfg = checkpoint_config(path).replace(**overrides)
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -109,7 +109,7 @@ def memory_report(cfg: ModelConfig, quantize: str | None = None, dtype="bfloat16
     """Weight bytes (int8 values + scales, or plain `dtype`), latent-cache bytes per token, and how many cached
     tokens fit in `device_bytes` after the weights, one layer's dequantized weights and a `reserve_fraction`
     of the device for activations and the runtime."""
-    from dsv2_jax.convert import leaf_specs
+    from dsv2_jax.checkpoint.convert import leaf_specs
 
     item = np.dtype(jnp.dtype(dtype)).itemsize
     weights, layer = 0, {}  # layer: bytes of one layer's dequantized projections, per layer group
@@ -141,7 +141,7 @@ def greedy_agreement(ref, model, prompt: list[int], new_tokens: int = 256) -> di
     """Greedy continuations of `prompt` by both models: `teacher_forced` is the fraction of the reference's
     tokens that `model` also ranks first when fed the reference's own prefix; `free_running` the fraction of
     positions where the two free-running continuations agree; `identical_prefix` their common prefix length."""
-    from dsv2_jax.engine import generate
+    from dsv2_jax.infer.engine import generate
 
     want = generate(ref, [prompt], new_tokens)[0]
     got = generate(model, [prompt], new_tokens)[0]
@@ -155,8 +155,8 @@ def greedy_agreement(ref, model, prompt: list[int], new_tokens: int = 256) -> di
 
 
 def perplexity(model, batches) -> float:
-    """exp(mean next-token NLL) over the loss_mask tokens of dsv2_jax.data batches."""
-    from dsv2_jax.losses import cross_entropy
+    """exp(mean next-token NLL) over the loss_mask tokens of dsv2_jax.train.data batches."""
+    from dsv2_jax.train.losses import cross_entropy
 
     graphdef, state = nnx.split(model)
     nll = count = 0.0

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from dsv2_jax.data import _expand, _finalize
+from dsv2_jax.train.data import _expand, _finalize
 
 ROLES = ("system", "user", "assistant")
 
@@ -208,7 +208,7 @@ def _as_example(ex) -> dict[str, np.ndarray]:
 
 def make_sft_dataset(tc, tokenizer, held_out: bool = False, *, process_index: int | None = None,
                      process_count: int | None = None) -> grain.IterDataset:
-    """Packed SFT batches (the batch dict of dsv2_jax.data; loss_mask zero on non-answer tokens)."""
+    """Packed SFT batches (the batch dict of dsv2_jax.train.data; loss_mask zero on non-answer tokens)."""
     files = list(tc.eval_data if held_out else tc.data)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

@@ -12,10 +12,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv2_jax import attention_backend
+from dsv2_jax.ops import attention_backend
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.layers import RMSNorm, param
-from dsv2_jax.rope import apply_rope
+from dsv2_jax.model.layers import RMSNorm, param
+from dsv2_jax.model.rope import apply_rope
 from kernels_pallas.reference import masked_softmax
 
 

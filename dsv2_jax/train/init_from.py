@@ -48,8 +48,8 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
 
 def check_compatible(cfg: ModelConfig, ckpt_cfg: ModelConfig, source: str | Path) -> None:
     """Every parameter of `cfg` has the checkpoint's shape, or one line names the first that differs."""
-    from dsv2_jax.convert import leaf_specs
-    from dsv2_jax.orbax_io import param_name
+    from dsv2_jax.checkpoint.convert import leaf_specs
+    from dsv2_jax.checkpoint.orbax_io import param_name
 
     want, have = leaf_specs(cfg, jnp.float32), leaf_specs(ckpt_cfg, jnp.float32)
     for path in sorted(set(want) | set(have)):
@@ -67,7 +67,7 @@ def check_compatible(cfg: ModelConfig, ckpt_cfg: ModelConfig, source: str | Path
 
 def load_params(path: str | Path, mesh, dtype="float32") -> nnx.State:
     """The checkpoint's parameters as an nnx.State, each leaf placed by the mesh's logical-axis rules."""
-    from dsv2_jax.convert import load_checkpoint
+    from dsv2_jax.checkpoint.convert import load_checkpoint
 
     return nnx.state(load_checkpoint(path, dtype, mesh=mesh))
 
@@ -94,12 +94,12 @@ def tokenizer_path(tc) -> str | None:
 
 def make_trainer(tc, mesh, cfg):
     """The full-parameter Trainer, or the LoraTrainer (frozen base from init_from) when lora_rank > 0."""
-    from dsv2_jax.train_state import Trainer
+    from dsv2_jax.train.state import Trainer
 
     if tc.init_from:  # before anything is written
         check_compatible(cfg, checkpoint_config(tc.init_from), tc.init_from)
     if tc.lora_rank:
-        from dsv2_jax.lora import LoraTrainer
+        from dsv2_jax.train.lora import LoraTrainer
 
         return LoraTrainer(tc, mesh, cfg)
     return Trainer(tc, mesh, cfg)

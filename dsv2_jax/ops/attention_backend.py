@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsv2_jax.sharding import BATCH_AXES, LOGICAL_RULES
+from dsv2_jax.parallel.sharding import BATCH_AXES, LOGICAL_RULES
 import kernels_pallas
 from kernels_pallas.mla_decode import decode_supported
 from kernels_pallas.reference import attention_mask, masked_softmax

@@ -23,9 +23,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.model import DeepseekV2, abstract_model, scan_layers
-from dsv2_jax.rope import rope_tables
-from dsv2_jax.sharding import BATCH_AXES, MESH_AXES, parse_mesh
+from dsv2_jax.model.transformer import DeepseekV2, abstract_model, scan_layers
+from dsv2_jax.model.rope import rope_tables
+from dsv2_jax.parallel.sharding import BATCH_AXES, MESH_AXES, parse_mesh
 
 CACHE_DTYPE = jnp.bfloat16
 
@@ -82,7 +82,7 @@ def residual_bytes(f, *args) -> int:
 def activation_parts(cfg: ModelConfig, local_batch: int, seq_len: int, remat: str, compute_dtype) -> tuple[int, int]:
     """(residuals the loss's backward keeps on `local_batch` rows under the remat policy, the largest layer's
     intermediates when nothing is rematerialised)."""
-    from dsv2_jax.losses import cross_entropy
+    from dsv2_jax.train.losses import cross_entropy
 
     graphdef, state = nnx.split(abstract_model(cfg, compute_dtype))
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -132,8 +132,8 @@ def memory_plan(cfg: ModelConfig, mesh: str | dict | None, seq_len: int, batch: 
     """Per-device bytes for training `batch` sequences of `seq_len` on `mesh` (and decoding them)."""
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {sorted(ATTENTION_IMPLS)}, got {attention!r}")
-    from dsv2_jax.train_config import TrainConfig
-    from dsv2_jax.train_state import Trainer
+    from dsv2_jax.train.config import TrainConfig
+    from dsv2_jax.train.state import Trainer
 
     amesh = abstract_mesh(mesh)
     divisor = math.prod(amesh.shape[a] for a in BATCH_AXES)

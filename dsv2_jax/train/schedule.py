@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optax
 
-from dsv2_jax.train_config import TrainConfig
+from dsv2_jax.train.config import TrainConfig
 
 
 def learning_rate(tc: TrainConfig) -> optax.Schedule:

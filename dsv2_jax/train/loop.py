@@ -23,17 +23,17 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from dsv2_jax.checkpointing import RunCheckpoints
+from dsv2_jax.checkpoint.train_checkpoints import RunCheckpoints
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.divergence import unsaveable
-from dsv2_jax.flops import peak_flops, train_flops_per_token
-from dsv2_jax.init_from import initial_state, make_trainer
-from dsv2_jax.lora import write_lora_json
-from dsv2_jax.metrics_log import MetricsLog
-from dsv2_jax import distributed
-from dsv2_jax.sharding import batch_divisor, make_mesh, shard_batch
-from dsv2_jax.train_config import TrainConfig
-from dsv2_jax.train_state import BATCH_KEYS
+from dsv2_jax.train.divergence import unsaveable
+from dsv2_jax.model.flops import peak_flops, train_flops_per_token
+from dsv2_jax.train.init_from import initial_state, make_trainer
+from dsv2_jax.train.lora import write_lora_json
+from dsv2_jax.train.metrics_log import MetricsLog
+from dsv2_jax.parallel import distributed
+from dsv2_jax.parallel.sharding import batch_divisor, make_mesh, shard_batch
+from dsv2_jax.train.config import TrainConfig
+from dsv2_jax.train.state import BATCH_KEYS
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,11 +41,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def make_dataset(tc: TrainConfig, cfg: ModelConfig, held_out: bool = False):
-    """The grain pipeline of dsv2_jax.data over tc.data (default: the embedded stdlib corpus), or one ordered
+    """The grain pipeline of dsv2_jax.train.data over tc.data (default: the embedded stdlib corpus), or one ordered
     pass over tc.eval_data."""
-    from dsv2_jax.data import make_dataset as grain_dataset
-    from dsv2_jax.init_from import tokenizer_path
-    from dsv2_jax.sft_data import is_sft, make_sft_dataset
+    from dsv2_jax.train.data import make_dataset as grain_dataset
+    from dsv2_jax.train.init_from import tokenizer_path
+    from dsv2_jax.train.sft_data import is_sft, make_sft_dataset
     from dsv2_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path(tc))
@@ -91,7 +91,7 @@ def _record(step: int, metrics: dict, step_time: float, tokens: int, flops_per_t
 def train(tc: TrainConfig, workdir: str | Path, *, dataset=None, progress: bool = True) -> dict[str, Any]:
     """Trains (or resumes) up to tc.steps; returns a summary (first/last loss, tokens/s, last checkpoint).
 
-    dataset: any grain dataset yielding the batch dicts of dsv2_jax.data (default: built from tc)."""
+    dataset: any grain dataset yielding the batch dicts of dsv2_jax.train.data (default: built from tc)."""
     if tc.distributed:
         distributed.initialize()  # no-op when `dsv2 train` already joined with explicit settings
     mesh = make_mesh(tc.mesh)

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.grouped_gemm import grouped_expert_mlp
-from dsv2_jax.layers import MLP, param
+from dsv2_jax.ops.grouped_gemm import grouped_expert_mlp
+from dsv2_jax.model.layers import MLP, param
 
 
 class Routing(NamedTuple):

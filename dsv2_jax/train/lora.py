@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.lazy_params import TARGET_GROUPS, LoraWeight, matches, projection_layout
-from dsv2_jax.orbax_io import flatten, unflatten
-from dsv2_jax.train_state import BATCH_KEYS, Trainer, cast_params
+from dsv2_jax.model.lazy_params import TARGET_GROUPS, LoraWeight, matches, projection_layout
+from dsv2_jax.checkpoint.orbax_io import flatten, unflatten
+from dsv2_jax.train.state import BATCH_KEYS, Trainer, cast_params
 
 LORA_FILE = "lora.json"
 
@@ -54,7 +54,7 @@ class LoraConfig:
 
 def adapter_shapes(cfg: ModelConfig, lc: LoraConfig) -> dict[tuple, tuple[tuple, tuple, int]]:
     """{parameter path: (A shape, B shape, input axes)} for every targeted projection."""
-    from dsv2_jax.convert import leaf_specs
+    from dsv2_jax.checkpoint.convert import leaf_specs
 
     out = {}
     for path, leaf in leaf_specs(cfg, jnp.float32).items():
@@ -98,7 +98,7 @@ class LoraTrainer(Trainer):
     `quantize`) is loaded from init_from, placed by the mesh rules and passed to every step un-donated."""
 
     def __init__(self, tc, mesh, cfg: ModelConfig | None = None):
-        from dsv2_jax.init_from import load_params
+        from dsv2_jax.train.init_from import load_params
 
         cfg = cfg or tc.model_config()
         self.lora = LoraConfig.from_train_config(tc)
@@ -106,7 +106,7 @@ class LoraTrainer(Trainer):
         super().__init__(tc, mesh, cfg)
         base = load_params(tc.init_from, mesh, tc.compute_dtype)
         if tc.quantize:
-            from dsv2_jax.quantize import quantize_state
+            from dsv2_jax.infer.quantize import quantize_state
 
             base = quantize_state(base, tc.quantize, self.compute_dtype)
         self.base = base
@@ -152,7 +152,7 @@ def load_adapters(run_dir, cfg: ModelConfig, lc: LoraConfig, sharding=None) -> d
     """The newest checkpoint's adapters (fp32), as the nested dict the trainer holds."""
     import orbax.checkpoint as ocp
 
-    from dsv2_jax.checkpointing import latest_state_dir
+    from dsv2_jax.checkpoint.train_checkpoints import latest_state_dir
 
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = unflatten({(*p, ab): jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding)
@@ -166,7 +166,7 @@ def load_adapters(run_dir, cfg: ModelConfig, lc: LoraConfig, sharding=None) -> d
 
 def merged_state(state: nnx.State, adapters: dict, scale: float) -> nnx.State:
     """base + adapters as plain arrays in the base's dtype (int8 bases stay LoraWeights: QLoRA inference)."""
-    from dsv2_jax.lazy_params import materialize_leaf
+    from dsv2_jax.model.lazy_params import materialize_leaf
     import qwix
 
     def merge(x):
@@ -191,7 +191,7 @@ class _MergedReader:
     """`reader.read(path, layer)` of the base (HF or Orbax, streamed) plus the adapters' delta, in numpy."""
 
     def __init__(self, base_dir: Path, cfg: ModelConfig, adapters: dict, scale: float):
-        from dsv2_jax.convert import _open_converted, is_orbax_dir, leaf_specs
+        from dsv2_jax.checkpoint.convert import _open_converted, is_orbax_dir, leaf_specs
 
         self.cfg, self.scale = cfg, scale
         self.adapters = {p: np.asarray(v) for p, v in flatten(adapters).items()}
@@ -199,13 +199,13 @@ class _MergedReader:
         if is_orbax_dir(base_dir):
             self._base = _open_converted(base_dir)[1].read
         else:
-            from dsv2_jax.safetensors_io import SafetensorsCheckpoint
+            from dsv2_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 
             self._ckpt = SafetensorsCheckpoint(base_dir)
             self._base = self._read_hf
 
     def _read_hf(self, path, index):
-        from dsv2_jax.hf_checkpoint import entry_from_hf, is_moe_layer, layer_entries, stacked_groups, top_entries
+        from dsv2_jax.checkpoint.hf_checkpoint import entry_from_hf, is_moe_layer, layer_entries, stacked_groups, top_entries
 
         if index is None:
             ent = next(e for e in top_entries(self.cfg) if e.path == path)
@@ -225,9 +225,9 @@ class _MergedReader:
 
 def export_merged(run_dir, hf_dir, dtype=None, force: bool = False, progress: bool = True, **kw) -> dict:
     """A LoRA run → HF safetensors of base + adapters, one layer at a time (dtype default: float32)."""
-    from dsv2_jax.convert import write_hf_dir
-    from dsv2_jax.hf_checkpoint import resolve_dtype
-    from dsv2_jax.init_from import checkpoint_config
+    from dsv2_jax.checkpoint.convert import write_hf_dir
+    from dsv2_jax.checkpoint.hf_checkpoint import resolve_dtype
+    from dsv2_jax.train.init_from import checkpoint_config
 
     base_dir, lc = read_lora_run(run_dir)
     cfg = checkpoint_config(base_dir)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.model import DeepseekV2, scan_layers
-from dsv2_jax.rope import rope_tables
+from dsv2_jax.infer.latent_cache import LatentCache
+from dsv2_jax.model.transformer import DeepseekV2, scan_layers
+from dsv2_jax.model.rope import rope_tables
 
 
 def prefill(model: DeepseekV2, cache: LatentCache, tokens: jnp.ndarray, lengths: jnp.ndarray):

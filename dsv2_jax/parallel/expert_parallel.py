@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.grouped_gemm import grouped_expert_mlp
-from dsv2_jax.moe import Routing
-from dsv2_jax.sharding import BATCH_AXES
+from dsv2_jax.ops.grouped_gemm import grouped_expert_mlp
+from dsv2_jax.model.moe import Routing
+from dsv2_jax.parallel.sharding import BATCH_AXES
 
 DISPATCH_MODES = ("dropless", "capacity")
 

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv2_jax.decode import decode_step, prefill
-from dsv2_jax.latent_cache import LatentCache
-from dsv2_jax.model import DeepseekV2
-from dsv2_jax.sampling import sample
-from dsv2_jax.sampling_args import check_count, check_max_new_tokens, check_sampling
+from dsv2_jax.infer.decode import decode_step, prefill
+from dsv2_jax.infer.latent_cache import LatentCache
+from dsv2_jax.model.transformer import DeepseekV2
+from dsv2_jax.infer.sampling import sample
+from dsv2_jax.infer.sampling_args import check_count, check_max_new_tokens, check_sampling
 
 MIN_BUCKET = 16
 

@@ -14,11 +14,11 @@ import numpy as np
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.layers import MLP, RMSNorm, param
-from dsv2_jax.lazy_params import materialize
-from dsv2_jax.mla import MLA
-from dsv2_jax.moe import MoE, RouterStats
-from dsv2_jax.rope import rope_tables
+from dsv2_jax.model.layers import MLP, RMSNorm, param
+from dsv2_jax.model.lazy_params import materialize
+from dsv2_jax.model.mla import MLA
+from dsv2_jax.model.moe import MoE, RouterStats
+from dsv2_jax.model.rope import rope_tables
 
 INIT_STD = 0.02  # HF initializer_range
 REMAT_POLICIES: dict[str, Callable | None] = {

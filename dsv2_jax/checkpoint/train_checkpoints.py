@@ -19,10 +19,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.data import data_checkpoint_args
+from dsv2_jax.train.data import data_checkpoint_args
 from dsv2_jax.errors import one_line
-from dsv2_jax.safetensors_io import CheckpointError
-from dsv2_jax.workdir_lock import WorkdirLock
+from dsv2_jax.checkpoint.safetensors_io import CheckpointError
+from dsv2_jax.train.workdir_lock import WorkdirLock
 
 MODEL_CONFIG_FILE = "dsv2_config.json"
 # ModelConfig fields that choose an implementation, not the architecture: a resumed run may change them.

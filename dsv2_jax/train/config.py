@@ -110,7 +110,7 @@ class TrainConfig:
             fail("lora_rank", "LoRA adapts released weights: set init_from (--init-from DIR)")
 
     def model_config(self) -> ModelConfig:
-        from dsv2_jax.init_from import checkpoint_config, resolve_model_config
+        from dsv2_jax.train.init_from import checkpoint_config, resolve_model_config
 
         base = (resolve_model_config(self.model) if self.model else
                 checkpoint_config(self.init_from) if self.init_from else ModelConfig.preset("tiny"))

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.model import DeepseekV2, abstract_model
-from dsv2_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from dsv2_jax.model.transformer import DeepseekV2, abstract_model
+from dsv2_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older exports include
 
