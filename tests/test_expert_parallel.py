@@ -10,7 +10,7 @@ import pytest
 
 from dsv2_jax.model import moe
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.parallel.expert_parallel import check_expert_mesh, make_experts_fn
+from dsv2_jax.parallel.expert_parallel import ExpertParallel, check_expert_mesh
 from dsv2_jax.parallel.sharding import batch_divisor, make_mesh
 
 N, D, E, F = 64, 16, 8, 12
@@ -30,7 +30,7 @@ def problem():
 @pytest.mark.parametrize("spec", MESHES)
 def test_dropless_matches_single_device_values_and_grads(problem, spec):
     cfg, x, r, (wg, wu, wd) = problem
-    fn = make_experts_fn(make_mesh(spec), "dropless")
+    fn = ExpertParallel(make_mesh(spec), "dropless")
     np.testing.assert_allclose(jax.jit(fn)(x, r, wg, wu, wd), moe.experts_ragged(x, r, wg, wu, wd), atol=1e-5)
 
     def loss(f, x, wg, wd):
@@ -66,10 +66,10 @@ def test_capacity_mode_drops_exactly_the_lowest_affinity_copies(problem, spec):
     mesh = make_mesh(spec)
     want, dropped = expected_capacity_output(x, r, w, mesh, capacity_factor=1.0)
     assert dropped > 0  # the test must exercise dropping
-    got = jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0))(x, r, *w)
+    got = jax.jit(ExpertParallel(mesh, "capacity", capacity_factor=1.0))(x, r, *w)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # Eval never drops.
-    np.testing.assert_allclose(jax.jit(make_experts_fn(mesh, "capacity", train=False))(x, r, *w),
+    np.testing.assert_allclose(jax.jit(ExpertParallel(mesh, "capacity", train=False))(x, r, *w),
                                moe.experts_ragged(x, r, *w), atol=1e-5)
 
 
@@ -83,11 +83,11 @@ def test_capacity_mode_never_drops_the_protected_sequences(problem):
     protected = sorted(t for t in range(N) if ((t % n_local) // 2) % 4 == 0)
     want, dropped = expected_capacity_output(x, r, w, mesh, 1.0, set(protected))
     assert dropped > 0
-    fn = jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0, seq_len=2, never_drop_every=4))
+    fn = jax.jit(ExpertParallel(mesh, "capacity", capacity_factor=1.0, seq_len=2, never_drop_every=4))
     got = np.asarray(fn(x, r, *w))
     np.testing.assert_allclose(got, want, atol=1e-5)
     full = np.asarray(moe.experts_reference(x, r, *w))
-    plain = np.asarray(jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0))(x, r, *w))
+    plain = np.asarray(jax.jit(ExpertParallel(mesh, "capacity", capacity_factor=1.0))(x, r, *w))
     assert np.abs(got[protected] - full[protected]).max() < 1e-5  # nothing of theirs was dropped...
     assert np.abs(plain[protected] - full[protected]).max() > 1e-3  # ...which plain capacity mode would drop
 
@@ -112,7 +112,7 @@ def test_ragged_all_to_all_path_offsets_are_right(problem, monkeypatch):
     """ragged_all_to_all does not run on XLA:CPU: the GPU/TPU path's offset bookkeeping is checked against an
     all_gather emulation of the op, and its real form must trace forward and backward."""
     cfg, x, r, w = problem
-    fn = make_experts_fn(make_mesh("data=2,expert=4"), "dropless", use_ragged_all_to_all=True)
+    fn = ExpertParallel(make_mesh("data=2,expert=4"), "dropless", ragged_all_to_all=True)
     assert "ragged_all_to_all" in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w))))(x))
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     np.testing.assert_allclose(jax.jit(fn)(x, r, *w), moe.experts_ragged(x, r, *w), atol=1e-5)
@@ -124,4 +124,4 @@ def test_device_limited_routing_needs_groups_aligned_to_expert_shards():
     with pytest.raises(ValueError, match="n_group"):
         check_expert_mesh(cfg, make_mesh("expert=8"))
     with pytest.raises(ValueError, match="moe dispatch mode"):
-        make_experts_fn(make_mesh("expert=2"), "bogus")
+        ExpertParallel(make_mesh("expert=2"), "bogus")
