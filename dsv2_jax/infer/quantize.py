@@ -81,6 +81,7 @@ def load_quantized(path, dtype="bfloat16", mode: str = "int8", *, mesh=None, **c
     """A checkpoint (any kind load_model reads) loaded on the host, quantized there, then placed."""
     from dsv2_jax.checkpoint.load import load_checkpoint
     from dsv2_jax.checkpoint.hf_checkpoint import resolve_dtype
+    from dsv2_jax.parallel.expert_parallel import use_mesh
     from dsv2_jax.train.lora import is_lora_run, load_lora_model
 
     check_mode(mode)
@@ -92,7 +93,7 @@ def load_quantized(path, dtype="bfloat16", mode: str = "int8", *, mesh=None, **c
                                 **config_overrides)
         graphdef, state = nnx.split(model)
         state = quantize_state(state, mode, resolve_dtype(dtype))
-    return nnx.merge(graphdef, place(state, mesh))
+    return use_mesh(nnx.merge(graphdef, place(state, mesh)), mesh)  # experts expert-parallel, as unquantized
 
 
 def _everywhere(path, device, dtype, overrides) -> dict:
