@@ -121,8 +121,7 @@ class ExpertParallel:
     (the model passes config `grouped_gemm`). Hashable: it is a static attribute of the MoE modules.
 
     `ragged_all_to_all` (whenever nothing drops): move exactly the routed copies (GPU/TPU; `dispatch_for`
-    decides).
-    Capacity mode drops only with `train`; with `seq_len` (x's rows are whole sequences of that length) and
+    decides). Capacity mode drops only with `train`; with `seq_len` (x's rows are whole sequences of that length) and
     `never_drop_every` = n > 0, every n-th sequence of each shard is never dropped — the paper keeps ~10% of
     sequences whole (n = 10); data order is shuffled, so which sequences those are is random."""
     mesh: Mesh
@@ -187,8 +186,7 @@ def dispatch_for(cfg: ModelConfig, mesh=None, *, mode: str = "dropless", capacit
     abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
     with jax.sharding.use_abstract_mesh(abstract):
         ragged = current_platform() != "cpu"
-    return ExpertParallel(mesh, mode, capacity_factor, train, ragged, seq_len,
-                          never_drop_every)
+    return ExpertParallel(mesh, mode, capacity_factor, train, ragged, seq_len, never_drop_every)
 
 
 def use_dispatch(model: nnx.Module, dispatch) -> nnx.Module:
