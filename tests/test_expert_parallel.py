@@ -157,35 +157,26 @@ def test_dispatch_is_chosen_from_config_and_mesh_in_one_place():
     assert use_mesh(model, None).moe_layers.mlp.dispatch is moe.experts_ragged
 
 
-def _greedy_logits(model, prompts, steps: int = 1) -> tuple[np.ndarray, str]:
-    """Prefill + `steps` greedy decode steps, one jitted program: (logits [steps + 1, B, V], its HLO text)."""
-    engine = DecodeEngine(model, cache_dtype=jnp.float32)
-    tokens, lengths, cache = engine.batch(prompts, steps + 1)
-
-    def run(state, cache, tokens, lengths):
-        m = nnx.merge(engine.graphdef, state)
-        logits, cache = prefill(m, cache, tokens, lengths)
-        out = [logits]
-        for _ in range(steps):
-            logits, cache = decode_step(m, cache, jnp.argmax(logits, -1).astype(jnp.int32))
-            out.append(logits)
-        return jnp.stack(out)
-
-    lowered = jax.jit(run).lower(engine.state, cache, tokens, lengths)
-    return np.asarray(lowered.compile()(engine.state, cache, tokens, lengths)), lowered.as_text()
+def _decode_logits(model, cache, tokens) -> tuple[np.ndarray, str]:
+    """One jitted decode step: (logits [B, V], the program's HLO text)."""
+    graphdef, state = nnx.split(model)
+    lowered = jax.jit(lambda s, c, t: decode_step(nnx.merge(graphdef, s), c, t)[0]).lower(state, cache, tokens)
+    return np.asarray(lowered.compile()(state, cache, tokens)), lowered.as_text()
 
 
 def test_sharded_decode_runs_the_expert_parallel_dispatch(hf_v2):
-    """load_model(mesh=...) gives every MoE layer the training dispatch; prefill and decode over tensor=2 x
-    expert=4 (3 sequences: rows padded to the 4 batch shards) move tokens with all_to_all and give the
-    single-device logits."""
+    """load_model(mesh=...) gives every MoE layer the training dispatch; a decode step over tensor=2 x expert=4
+    (3 sequences: rows padded to the 4 batch shards) moves tokens with all_to_all and gives the single-device
+    logits. (test_decode.py's sharded test runs prefill and generation this way end to end.)"""
     path, _ = hf_v2
-    mesh = make_mesh("tensor=2,expert=4")
-    sharded = load_model(path, mesh=mesh)
+    sharded, single = load_model(path, mesh=make_mesh("tensor=2,expert=4")), load_model(path)
     assert isinstance(sharded.moe_layers.mlp.dispatch, ExpertParallel)
-    prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [(7 * i + 3) % 150 for i in range(14)]]
-    got, text = _greedy_logits(sharded, prompts)
+    engine = DecodeEngine(single, cache_dtype=jnp.float32)
+    tokens, lengths, cache = engine.batch([[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]], 2)
+    logits, cache = jax.jit(prefill)(single, cache, tokens, lengths)
+    nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+    got, text = _decode_logits(sharded, cache, nxt)
     assert "all_to_all" in text
-    want, text = _greedy_logits(load_model(path), prompts)
+    want, text = _decode_logits(single, cache, nxt)
     assert "all_to_all" not in text
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
