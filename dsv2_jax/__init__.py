@@ -1,7 +1,7 @@
 """dsv2-jax: DeepSeek-V2 (Multi-head Latent Attention + DeepSeekMoE) in JAX / Flax NNX."""
 
 from dsv2_jax.config import ConfigError, ModelConfig
-from dsv2_jax.checkpoint.convert import load_checkpoint
+from dsv2_jax.checkpoint.load import load_checkpoint
 from dsv2_jax.infer.engine import DecodeEngine, generate
 from dsv2_jax.model.transformer import DeepseekV2, abstract_model, init_model
 from dsv2_jax.checkpoint.safetensors_io import CheckpointError
@@ -13,7 +13,8 @@ def load_model(path, dtype="float32", *, mesh=None, shardings=None, quantize=Non
 
     `dtype` ("float32" | "bfloat16") is the parameter and compute dtype; the MoE router stays fp32.
     `mesh` places parameters by the logical-axis rules in `sharding.LOGICAL_RULES` (each device reads only its
-    own shard of an Orbax checkpoint); `shardings` (a pure dict of shardings) overrides them.
+    own shard of an Orbax checkpoint) and runs the MoE layers expert-parallel over it (`expert_parallel.use_mesh`);
+    `shardings` (a pure dict of shardings) overrides the placement.
     `config_overrides` set implementation fields such as moe_impl="reference" or attention_impl="xla".
     `quantize="int8"`: weight-only int8 projections with per-channel scales, computed in `dtype` (quantize.py).
     A LoRA run directory (lora.json, lora.py) loads its base with the newest adapters merged in.

@@ -235,3 +235,23 @@ def test_bench_convert_smoke():
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["layers"] for r in rows[:2]] == [1, 2]
     assert 0.8 < rows[2]["peak_rss_ratio"]["convert_peak_rss_mb"] < 1.25
+
+
+def test_one_dtype_policy_keeps_exactly_the_router_fp32(hf_v2):
+    """Model init, loading and the trainer's compute cast all follow model.precision: in a bf16 model only the
+    router stays fp32 (matched by name, not as a substring of the path)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv2_jax.model.precision import cast_params, param_dtype
+    from dsv2_jax.model.transformer import abstract_model
+
+    loaded = dsv2_jax.load_model(hf_v2[0], "bfloat16")
+    fp32 = nnx.state(abstract_model(loaded.config, jnp.float32))
+    trees = {"loaded": nnx.state(loaded), "built": nnx.state(abstract_model(loaded.config, jnp.bfloat16)),
+             "cast": jax.eval_shape(lambda s: cast_params(s, jnp.bfloat16), fp32)}
+    for what, tree in trees.items():
+        dtypes = {tuple(p): v.get_value().dtype for p, v in nnx.to_flat_state(tree)}
+        assert {p for p, d in dtypes.items() if d == jnp.float32} == {("moe_layers", "mlp", "w_router")}, what
+        assert {d for d in dtypes.values()} == {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}, what
+    assert param_dtype(("mlp", "w_router_bias"), jnp.bfloat16) == jnp.bfloat16

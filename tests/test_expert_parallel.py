@@ -7,11 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from dsv2_jax.model import moe
+from dsv2_jax import DecodeEngine, load_model
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.parallel.expert_parallel import check_expert_mesh, make_experts_fn
-from dsv2_jax.parallel.sharding import batch_divisor, make_mesh
+from dsv2_jax.infer.decode import decode_step, prefill
+from dsv2_jax.model import moe
+from dsv2_jax.model.transformer import abstract_model
+from dsv2_jax.parallel.expert_parallel import ExpertParallel, check_expert_mesh, dispatch_for, use_mesh
+from dsv2_jax.parallel.sharding import LOGICAL_RULES, batch_divisor, make_mesh
 
 N, D, E, F = 64, 16, 8, 12
 MESHES = ["data=2,expert=4", "fsdp=2,tensor=2,expert=2"]
@@ -30,7 +34,7 @@ def problem():
 @pytest.mark.parametrize("spec", MESHES)
 def test_dropless_matches_single_device_values_and_grads(problem, spec):
     cfg, x, r, (wg, wu, wd) = problem
-    fn = make_experts_fn(make_mesh(spec), "dropless")
+    fn = ExpertParallel(make_mesh(spec), "dropless")
     np.testing.assert_allclose(jax.jit(fn)(x, r, wg, wu, wd), moe.experts_ragged(x, r, wg, wu, wd), atol=1e-5)
 
     def loss(f, x, wg, wd):
@@ -66,10 +70,10 @@ def test_capacity_mode_drops_exactly_the_lowest_affinity_copies(problem, spec):
     mesh = make_mesh(spec)
     want, dropped = expected_capacity_output(x, r, w, mesh, capacity_factor=1.0)
     assert dropped > 0  # the test must exercise dropping
-    got = jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0))(x, r, *w)
+    got = jax.jit(ExpertParallel(mesh, "capacity", capacity_factor=1.0))(x, r, *w)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # Eval never drops.
-    np.testing.assert_allclose(jax.jit(make_experts_fn(mesh, "capacity", train=False))(x, r, *w),
+    np.testing.assert_allclose(jax.jit(ExpertParallel(mesh, "capacity", train=False))(x, r, *w),
                                moe.experts_ragged(x, r, *w), atol=1e-5)
 
 
@@ -83,11 +87,11 @@ def test_capacity_mode_never_drops_the_protected_sequences(problem):
     protected = sorted(t for t in range(N) if ((t % n_local) // 2) % 4 == 0)
     want, dropped = expected_capacity_output(x, r, w, mesh, 1.0, set(protected))
     assert dropped > 0
-    fn = jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0, seq_len=2, never_drop_every=4))
+    fn = jax.jit(ExpertParallel(mesh, "capacity", capacity_factor=1.0, seq_len=2, never_drop_every=4))
     got = np.asarray(fn(x, r, *w))
     np.testing.assert_allclose(got, want, atol=1e-5)
     full = np.asarray(moe.experts_reference(x, r, *w))
-    plain = np.asarray(jax.jit(make_experts_fn(mesh, "capacity", capacity_factor=1.0))(x, r, *w))
+    plain = np.asarray(jax.jit(ExpertParallel(mesh, "capacity", capacity_factor=1.0))(x, r, *w))
     assert np.abs(got[protected] - full[protected]).max() < 1e-5  # nothing of theirs was dropped...
     assert np.abs(plain[protected] - full[protected]).max() > 1e-3  # ...which plain capacity mode would drop
 
@@ -112,7 +116,7 @@ def test_ragged_all_to_all_path_offsets_are_right(problem, monkeypatch):
     """ragged_all_to_all does not run on XLA:CPU: the GPU/TPU path's offset bookkeeping is checked against an
     all_gather emulation of the op, and its real form must trace forward and backward."""
     cfg, x, r, w = problem
-    fn = make_experts_fn(make_mesh("data=2,expert=4"), "dropless", use_ragged_all_to_all=True)
+    fn = ExpertParallel(make_mesh("data=2,expert=4"), "dropless", ragged_all_to_all=True)
     assert "ragged_all_to_all" in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w))))(x))
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     np.testing.assert_allclose(jax.jit(fn)(x, r, *w), moe.experts_ragged(x, r, *w), atol=1e-5)
@@ -124,4 +128,55 @@ def test_device_limited_routing_needs_groups_aligned_to_expert_shards():
     with pytest.raises(ValueError, match="n_group"):
         check_expert_mesh(cfg, make_mesh("expert=8"))
     with pytest.raises(ValueError, match="moe dispatch mode"):
-        make_experts_fn(make_mesh("expert=2"), "bogus")
+        ExpertParallel(make_mesh("expert=2"), "bogus")
+
+
+def test_shard_map_specs_follow_the_rules_table(problem, monkeypatch):
+    """The expert-MLP width is split (and its partial sums reduced) exactly where LOGICAL_RULES says: one edit to
+    the table changes the dispatch, with the same values."""
+    cfg, x, r, w = problem
+    ep = ExpertParallel(make_mesh("fsdp=2,tensor=2,expert=2"), "dropless")
+    fn = lambda *a: ep(*a)  # noqa: E731 - a fresh function per trace: the specs are read when tracing
+    assert "P('expert', None, 'tensor')" in str(jax.make_jaxpr(fn)(x, r, *w))
+    assert "psum" in str(jax.make_jaxpr(fn)(x, r, *w))
+    monkeypatch.setitem(LOGICAL_RULES, "expert_mlp", None)
+    fn = lambda *a: ep(*a)  # noqa: E731
+    assert "P('expert', None, None)" in str(jax.make_jaxpr(fn)(x, r, *w))
+    assert "psum" not in str(jax.make_jaxpr(fn)(x, r, *w))
+    np.testing.assert_allclose(jax.jit(fn)(x, r, *w), moe.experts_ragged(x, r, *w), atol=1e-5)
+
+
+def test_dispatch_is_chosen_from_config_and_mesh_in_one_place():
+    cfg = ModelConfig.preset("tiny")
+    assert dispatch_for(cfg) is moe.experts_ragged
+    assert dispatch_for(cfg.replace(moe_impl="reference"), make_mesh("")) is moe.experts_reference
+    chosen = dispatch_for(cfg, make_mesh("data=2,expert=4"), mode="capacity", train=True)
+    assert chosen == ExpertParallel(make_mesh("data=2,expert=4"), "capacity", train=True)  # CPU: fixed all_to_all
+    model = use_mesh(abstract_model(cfg), make_mesh("expert=2"))
+    assert model.moe_layers.mlp.dispatch == ExpertParallel(make_mesh("expert=2"), "dropless", train=False)
+    assert use_mesh(model, None).moe_layers.mlp.dispatch is moe.experts_ragged
+
+
+def _decode_logits(model, cache, tokens) -> tuple[np.ndarray, str]:
+    """One jitted decode step: (logits [B, V], the program's HLO text)."""
+    graphdef, state = nnx.split(model)
+    lowered = jax.jit(lambda s, c, t: decode_step(nnx.merge(graphdef, s), c, t)[0]).lower(state, cache, tokens)
+    return np.asarray(lowered.compile()(state, cache, tokens)), lowered.as_text()
+
+
+def test_sharded_decode_runs_the_expert_parallel_dispatch(hf_v2):
+    """load_model(mesh=...) gives every MoE layer the training dispatch; a decode step over tensor=2 x expert=4
+    (3 sequences: rows padded to the 4 batch shards) moves tokens with all_to_all and gives the single-device
+    logits. (test_decode.py's sharded test runs prefill and generation this way end to end.)"""
+    path, _ = hf_v2
+    sharded, single = load_model(path, mesh=make_mesh("tensor=2,expert=4")), load_model(path)
+    assert isinstance(sharded.moe_layers.mlp.dispatch, ExpertParallel)
+    engine = DecodeEngine(single, cache_dtype=jnp.float32)
+    tokens, lengths, cache = engine.batch([[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]], 2)
+    logits, cache = jax.jit(prefill)(single, cache, tokens, lengths)
+    nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+    got, text = _decode_logits(sharded, cache, nxt)
+    assert "all_to_all" in text
+    want, text = _decode_logits(single, cache, nxt)
+    assert "all_to_all" not in text
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)

@@ -13,7 +13,7 @@ import pytest
 from dsv2_jax.ops import grouped_gemm as gg
 from dsv2_jax.model import moe
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.parallel.expert_parallel import make_experts_fn
+from dsv2_jax.parallel.expert_parallel import ExpertParallel
 from dsv2_jax.parallel.sharding import make_mesh
 
 E, D, F = 8, 16, 12
@@ -149,7 +149,7 @@ def test_expert_parallel_local_experts_use_the_seam(monkeypatch, mode, ragged_a2
     real = gg.sorted_swiglu
     monkeypatch.setattr(gg, "sorted_swiglu", lambda *a: seen.append(a[-1]) or real(*a))
     x, r, w = make_problem("uniform", jnp.float32, n=32, k=2)
-    fn = make_experts_fn(make_mesh("data=2,expert=4"), mode, use_ragged_all_to_all=ragged_a2a)
+    fn = ExpertParallel(make_mesh("data=2,expert=4"), mode, ragged_all_to_all=ragged_a2a)
     jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w, gemm="ragged_dot"))))(x)
     jax.make_jaxpr(lambda x: fn(x, r, *w))(x)
     assert seen == ["ragged_dot", "blocked"]

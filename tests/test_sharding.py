@@ -4,12 +4,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.model.transformer import abstract_model
-from dsv2_jax.parallel.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, logical_to_spec, make_mesh, parse_mesh,
-                               shard_batch, tree_shardings, tree_specs)
+from dsv2_jax.parallel.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, batch_divisor, batch_spec, compute_spec,
+                                        logical_to_spec, make_mesh, parse_mesh, shard_batch, tree_shardings, tree_specs)
 
 
 def test_parse_mesh_and_errors():
@@ -60,3 +60,14 @@ def test_shard_batch_splits_rows_over_batch_axes():
     np.testing.assert_array_equal(np.asarray(out), batch["inputs"])
     with pytest.raises(ValueError, match="not divisible"):
         shard_batch({"inputs": np.zeros((6, 4), np.int32)}, mesh)
+
+
+def test_compute_spec_gathers_fsdp_and_batch_spec_uses_the_mesh_axes():
+    """What a layer computes with inside shard_map: fsdp-stored dims gathered; tokens over the batch axes the
+    mesh has (a decode mesh may lack data / fsdp)."""
+    mesh = make_mesh("fsdp=2,tensor=2,expert=2")
+    assert compute_spec(("expert", "embed", "expert_mlp"), (8, 16, 12), mesh) == P("expert", None, "tensor")
+    assert compute_spec(("expert", "expert_mlp", "embed"), (8, 12, 16), mesh) == P("expert", "tensor", None)
+    assert batch_spec(mesh) == P(BATCH_AXES) and batch_divisor(mesh) == 4
+    decode = jax.make_mesh((4, 2), ("tensor", "expert"), axis_types=(AxisType.Auto,) * 2)
+    assert batch_spec(decode) == P(("expert",)) and batch_divisor(decode) == 2

@@ -1,4 +1,4 @@
-"""HF safetensors ⇄ Orbax conversion, streamed one tensor at a time, and loading either kind of directory.
+"""HF safetensors ⇄ Orbax conversion, streamed one tensor at a time (loading: load.py).
 
 A converted directory holds `params/` (an Orbax pytree checkpoint of the model's own parameter tree: layers
 stacked [L, ...], experts stacked [E, ...]), `config.json` (HF dialect), `dsv2_config.json` (ModelConfig) and
@@ -20,17 +20,15 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dsv2_jax.checkpoint.train_checkpoints import PARAMS_PREFIX, PARAMS_SUFFIX, latest_params, latest_state_dir
+from dsv2_jax.checkpoint.train_checkpoints import PARAMS_PREFIX, PARAMS_SUFFIX, latest_state_dir
 from dsv2_jax.config import ModelConfig, to_hf_dict
 from dsv2_jax.checkpoint.hf_checkpoint import (check_tensors, entry_from_hf, hf_layer_names, hf_tensor_shapes, is_moe_layer,
-                                    layer_entries, layer_to_hf, load_hf, resolve_dtype, stacked_groups, top_entries,
+                                    layer_entries, layer_to_hf, resolve_dtype, stacked_groups, top_entries,
                                     top_to_hf)
-from dsv2_jax.model.transformer import DeepseekV2, abstract_model
-from dsv2_jax.checkpoint.orbax_io import (METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, abstract_targets,
-                               param_name, restore_tree)
+from dsv2_jax.model.transformer import abstract_model
+from dsv2_jax.checkpoint.orbax_io import METADATA_FILE, LeafSpec, OrbaxTreeReader, OrbaxTreeWriter, param_name
 from dsv2_jax.checkpoint.safe_output import staged_output
 from dsv2_jax.checkpoint.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, SafetensorsCheckpoint, write_safetensors
-from dsv2_jax.parallel.sharding import tree_shardings
 
 PARAMS_DIR = "params"
 HF_CONFIG_FILE = "config.json"
@@ -245,30 +243,3 @@ def write_hf_dir(cfg: ModelConfig, reader, hf_dir, dt: np.dtype, source_dir: Pat
         _write_hf_config(cfg, dt, tmp / HF_CONFIG_FILE)
         _copy_side_files(source_dir, tmp)
     return {"bytes_written": total, "files": fnames, "dtype": dt.name}
-
-
-def load_checkpoint(path: str | os.PathLike, dtype="float32", *, mesh=None, shardings=None,
-                    **config_overrides) -> DeepseekV2:
-    """A model from a converted Orbax directory (`params/_METADATA`), a `dsv2 train` workdir (`checkpoints/`,
-    newest step's parameters) or an HF directory.
-
-    With `mesh`, parameters are placed by the logical-axis rules of `sharding.LOGICAL_RULES` (mesh axes among
-    data/fsdp/expert/tensor; missing ones count as size 1); or pass `shardings`, a pure dict of
-    jax.sharding.Sharding shaped like the parameter tree. From an Orbax directory each device reads only its
-    own shard.
-    """
-    dtype = resolve_dtype(dtype)
-    path = Path(path)
-
-    def shardings_fn(abstract_state):
-        return shardings if shardings is not None else nnx.to_pure_dict(tree_shardings(abstract_state, mesh))
-
-    placed = shardings is not None or mesh is not None
-    if not is_orbax_dir(path):
-        return load_hf(path, dtype, shardings_fn if placed else None, **config_overrides)
-    cfg = ModelConfig.from_json(path / MODEL_CONFIG_FILE).replace(**config_overrides)
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    target = abstract_targets(state, shardings_fn(state) if placed else None)
-    state.replace_by_pure_dict(latest_params(path, target) if is_training_run(path)
-                               else restore_tree(path / PARAMS_DIR, target))
-    return nnx.merge(graphdef, state)

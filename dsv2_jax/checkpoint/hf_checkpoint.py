@@ -1,4 +1,4 @@
-"""HF DeepSeek-V2 checkpoint names ⇄ this model's parameter tree, and `load_model`.
+"""HF DeepSeek-V2 checkpoint names ⇄ this model's parameter tree.
 
 HF stores Linear weights as [out, in]; we keep math layout ([in, out], heads explicit, experts stacked
 [E, D, F], layers stacked). The mapping is one table per layer kind, used in both directions, so loading,
@@ -7,18 +7,15 @@ conversion and export can never disagree. Conversion streams one layer at a time
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.model.transformer import DeepseekV2, abstract_model
+from dsv2_jax.model.precision import param_dtype
 from dsv2_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older exports include
@@ -120,10 +117,6 @@ def _cast(x: np.ndarray, dtype) -> np.ndarray:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _dtype_for(path: tuple, dtype) -> np.dtype:
-    return np.dtype(np.float32) if path[-1] == "w_router" else np.dtype(dtype)
-
-
 def _set(tree: dict, path: tuple, value) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
@@ -139,7 +132,7 @@ def _get(tree: dict, path: tuple):
 def entry_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, i: int, ent: Entry, dtype) -> np.ndarray:
     """One parameter of layer i from HF tensors; routed experts are filled into one preallocated [E, ...] block
     (no list-then-stack copy), so streaming conversion peaks at one expert block."""
-    dt, prefix = _dtype_for(ent.path, dtype), f"model.layers.{i}."
+    dt, prefix = param_dtype(ent.path, dtype), f"model.layers.{i}."
     if "{e}" not in ent.hf:
         return np.ascontiguousarray(_cast(ent.to_ours(get(prefix + ent.hf)), dt))
     out = None
@@ -225,12 +218,6 @@ def params_from_hf(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype, shardin
     return tree
 
 
-def model_from_params(cfg: ModelConfig, params: dict, dtype) -> DeepseekV2:
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    state.replace_by_pure_dict(params)
-    return nnx.merge(graphdef, state)
-
-
 def resolve_dtype(dtype) -> np.dtype:
     names = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
     if isinstance(dtype, str):
@@ -238,19 +225,3 @@ def resolve_dtype(dtype) -> np.dtype:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(names)}")
         return np.dtype(names[dtype])
     return np.dtype(dtype)
-
-
-def load_hf(path: str | os.PathLike, dtype="float32", shardings_fn: Callable | None = None,
-            **config_overrides) -> DeepseekV2:
-    """An HF DeepSeek-V2 directory (config.json + model.safetensors or a sharded index) → model.
-
-    shardings_fn(abstract_state) -> pure dict of shardings places each parameter as it is read."""
-    dtype = resolve_dtype(dtype)
-    cfg = ModelConfig.from_hf(Path(path), **config_overrides)
-    ckpt = SafetensorsCheckpoint(path)
-    check_tensors(ckpt, cfg)
-    shardings = None if shardings_fn is None else shardings_fn(nnx.state(abstract_model(cfg, dtype)))
-    try:
-        return model_from_params(cfg, params_from_hf(ckpt, cfg, dtype, shardings), dtype)
-    finally:
-        ckpt.close()

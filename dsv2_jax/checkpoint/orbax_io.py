@@ -22,9 +22,10 @@ from orbax.checkpoint._src.metadata import tree as tree_metadata
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import types as ser_types
 
+from dsv2_jax.parallel.sharding import EXPERTS
+
 METADATA_FILE = "_METADATA"  # Orbax's pytree metadata file: its presence marks an Orbax checkpoint
 CHUNK_BYTES = 64 << 20  # zarr chunk target inside each per-layer shard; routed experts get one chunk each
-EXPERT_AXIS = "expert"
 WRITER_CACHE_BYTES = 8 << 20
 
 
@@ -74,7 +75,7 @@ class OrbaxTreeWriter:
                                               "cache_pool#ocdbt": {"total_bytes_limit": WRITER_CACHE_BYTES}})
         self._arrays = {}
         for path, leaf in self.leaves.items():
-            shard_axes = tuple(i for i, a in enumerate(leaf.axes) if a == EXPERT_AXIS)
+            shard_axes = tuple(i for i, a in enumerate(leaf.axes) if a == EXPERTS)  # one chunk per expert
             spec = ts_utils.ArrayWriteSpec(
                 self.directory.as_posix(), param_name(path), global_shape=leaf.shape, write_shape=leaf.write_shape,
                 dtype=leaf.dtype, chunk_byte_size=CHUNK_BYTES, shard_axes=shard_axes, use_zarr3=True, use_ocdbt=True)

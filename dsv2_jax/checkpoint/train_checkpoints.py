@@ -147,15 +147,3 @@ def latest_state_dir(workdir: str | Path) -> Path:
     if not steps:
         raise FileNotFoundError(f"{directory}: no finished training checkpoint")
     return directory / str(steps[-1]) / "state"
-
-
-def latest_params(workdir: str | Path, target: dict) -> dict:
-    """The newest checkpoint's parameters only (no optimizer state), restored into `target` (a pure dict of
-    ShapeDtypeStructs with shardings and the dtypes wanted): for decoding or exporting a training run."""
-    item = {"params": jax.tree.map(lambda s: {"value": s}, target)}  # partial_restore skips opt_state and step
-    restored = ocp.PyTreeCheckpointer().restore(
-        latest_state_dir(workdir),
-        args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                    partial_restore=True))
-    return jax.tree.map(lambda v: v["value"], restored["params"], is_leaf=lambda x: isinstance(x, dict) and "value" in x)
-

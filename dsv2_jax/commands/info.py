@@ -5,25 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dsv2_jax.config import ConfigError, ModelConfig
-
-
-def resolve_config(spec: str) -> ModelConfig:
-    """A preset name, a ModelConfig or train config JSON file, a converted / training directory, or an HF
-    directory."""
-    p = Path(spec)
-    if (p / "dsv2_config.json").is_file():
-        return ModelConfig.from_json(p / "dsv2_config.json")
-    if p.is_dir() or p.name == "config.json":
-        return ModelConfig.from_hf(p)
-    if p.suffix == ".json" or len(p.parts) > 1:
-        if not p.exists():
-            raise ConfigError(f"{p}: no such file or directory")
-        return load_train_config(spec).model_config()  # a model config JSON loads as a train config of it
-    try:
-        return ModelConfig.preset(spec)
-    except ConfigError as e:
-        raise ConfigError(f"{spec}: no such file or directory, and {e}") from None
+from dsv2_jax.config import ModelConfig
+from dsv2_jax.train.init_from import resolve_model_config
 
 
 def load_train_config(spec: str):
@@ -50,7 +33,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def run(args) -> int:
-    cfg = resolve_config(args.config)
+    cfg = resolve_model_config(args.config)
     counts = parameter_counts(cfg)
     info = {"total_params": counts["total"], "active_params": counts["active"],
             "layers": cfg.num_hidden_layers, "moe_layers": cfg.num_moe_layers,

@@ -23,6 +23,7 @@ from flax import nnx
 
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.model.lazy_params import TARGET_GROUPS, matches, projection_layout
+from dsv2_jax.model.precision import param_dtype
 
 QUANTIZE_MODES = ("int8",)
 
@@ -78,8 +79,9 @@ def place(state: nnx.State, mesh=None) -> nnx.State:
 
 def load_quantized(path, dtype="bfloat16", mode: str = "int8", *, mesh=None, **config_overrides):
     """A checkpoint (any kind load_model reads) loaded on the host, quantized there, then placed."""
-    from dsv2_jax.checkpoint.convert import load_checkpoint
+    from dsv2_jax.checkpoint.load import load_checkpoint
     from dsv2_jax.checkpoint.hf_checkpoint import resolve_dtype
+    from dsv2_jax.parallel.expert_parallel import use_mesh
     from dsv2_jax.train.lora import is_lora_run, load_lora_model
 
     check_mode(mode)
@@ -91,7 +93,7 @@ def load_quantized(path, dtype="bfloat16", mode: str = "int8", *, mesh=None, **c
                                 **config_overrides)
         graphdef, state = nnx.split(model)
         state = quantize_state(state, mode, resolve_dtype(dtype))
-    return nnx.merge(graphdef, place(state, mesh))
+    return use_mesh(nnx.merge(graphdef, place(state, mesh)), mesh)  # experts expert-parallel, as unquantized
 
 
 def _everywhere(path, device, dtype, overrides) -> dict:
@@ -121,7 +123,7 @@ def memory_report(cfg: ModelConfig, quantize: str | None = None, dtype="bfloat16
             weights += n + scales * item
             layer[path[0]] = layer.get(path[0], 0) + n // leaf.shape[0] * item
         else:
-            weights += n * (4 if path[-1] == "w_router" else item)
+            weights += n * param_dtype(path, jnp.dtype(dtype)).itemsize
     layer_peak = max(layer.values(), default=0)
     cache_per_token = cfg.latent_cache_dim * cfg.num_hidden_layers * np.dtype(jnp.dtype(cache_dtype)).itemsize
     free = device_bytes * (1 - reserve_fraction) - weights - layer_peak

@@ -4,8 +4,9 @@ Two interchangeable routed-expert paths (config `moe_impl`):
   * reference: every expert on every token, weighted by the (mostly zero) combine matrix — obviously right;
   * ragged: dropless; every (token, expert) copy through the grouped GEMM of `grouped_gemm.py`, whose cost
     follows the activated experts (backend: config `grouped_gemm`) — the fast path.
-The expert-parallel dispatch for sharded training lives in `expert_parallel.py`, reuses `route` and runs its
-local experts through the same grouped GEMM. Every experts function has the signature
+Under a mesh, `parallel.expert_parallel.use_mesh(model, mesh)` replaces them with the expert-parallel dispatch
+(shard_map), which reuses `route` and runs its local experts through the same grouped GEMM; training and
+sharded decode both get it that way. Every dispatch has the signature
 `fn(x [N, D], routing, w_gate, w_up, w_down, gemm=...) -> [N, D]`.
 """
 
@@ -20,6 +21,11 @@ from flax import nnx
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.ops.grouped_gemm import grouped_expert_mlp
 from dsv2_jax.model.layers import MLP, param
+from dsv2_jax.model.precision import param_dtype
+
+# Logical axes of the stacked routed-expert weights: the parameters and the expert-parallel shard_map specs.
+EXPERT_IN_AXES = ("expert", "embed", "expert_mlp")   # w_gate, w_up [E, D, F]
+EXPERT_OUT_AXES = ("expert", "expert_mlp", "embed")  # w_down [E, F, D]
 
 
 class Routing(NamedTuple):
@@ -90,19 +96,21 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, stack=()):
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.cfg = cfg
-        # The router stays fp32 (the reference computes the gate in fp32 even for bf16 models).
-        self.w_router = param((d, e), ("embed", "router"), jnp.float32, stack)
-        self.w_gate = param((e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
-        self.w_up = param((e, d, f), ("expert", "embed", "expert_mlp"), dtype, stack)
-        self.w_down = param((e, f, d), ("expert", "expert_mlp", "embed"), dtype, stack)
+        self.w_router = param((d, e), ("embed", "router"), param_dtype("w_router", dtype), stack)
+        self.w_gate = param((e, d, f), EXPERT_IN_AXES, dtype, stack)
+        self.w_up = param((e, d, f), EXPERT_IN_AXES, dtype, stack)
+        self.w_down = param((e, f, d), EXPERT_OUT_AXES, dtype, stack)
         self.shared = MLP(d, cfg.shared_intermediate_size, dtype, stack) if cfg.n_shared_experts else None
+        # How the routed experts run, a static attribute: this device's EXPERT_IMPLS[moe_impl] by default;
+        # `expert_parallel.use_mesh` attaches the expert-parallel dispatch.
+        self.dispatch = EXPERT_IMPLS[cfg.moe_impl]
 
-    def __call__(self, x: jnp.ndarray, token_mask=None, experts_fn=None) -> tuple[jnp.ndarray, RouterStats]:
+    def __call__(self, x: jnp.ndarray, token_mask=None) -> tuple[jnp.ndarray, RouterStats]:
+        """x [B, T, D] (token_mask [B, T] bool: tokens counted in the stats) → (y [B, T, D], RouterStats)."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         r = route(self.cfg, flat, self.w_router[...])
-        fn = experts_fn or EXPERT_IMPLS[self.cfg.moe_impl]
-        y = fn(flat, r, self.w_gate[...], self.w_up[...], self.w_down[...], gemm=self.cfg.grouped_gemm)
+        y = self.dispatch(flat, r, self.w_gate[...], self.w_up[...], self.w_down[...], gemm=self.cfg.grouped_gemm)
         y = y.reshape(b, t, d)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -35,22 +35,22 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed", stack)
         self.mlp = MoE(cfg, dtype, stack) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, stack)
 
-    def feed_forward(self, h, token_mask, experts_fn=None) -> tuple[jnp.ndarray, RouterStats | None]:
+    def feed_forward(self, h, token_mask) -> tuple[jnp.ndarray, RouterStats | None]:
         x = self.mlp_norm(h)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(x, token_mask, experts_fn)
+            y, stats = self.mlp(x, token_mask)
             return h + y, stats
         return h + self.mlp(x), None
 
-    def __call__(self, x, cos, sin, segment_ids=None, token_mask=None, experts_fn=None):
+    def __call__(self, x, cos, sin, segment_ids=None, token_mask=None):
         h = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
-        return self.feed_forward(h, token_mask, experts_fn)
+        return self.feed_forward(h, token_mask)
 
-    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths, experts_fn=None):
+    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths):
         """One cached decode step of this layer (see MLA.decode): returns (h, cache_ckv, cache_krope)."""
         a, cache_ckv, cache_krope = self.attn.decode(self.attn_norm(x), cos, sin, cache_ckv, cache_krope, layer,
                                                      lengths)
-        h, _ = self.feed_forward(x + a, None, experts_fn)
+        h, _ = self.feed_forward(x + a, None)
         return h, cache_ckv, cache_krope
 
 
@@ -93,7 +93,7 @@ class DeepseekV2(nnx.Module):
         return [(g, moe) for g, moe in ((self.dense_layers, False), (self.moe_layers, True)) if g is not None]
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, token_mask=None, return_aux: bool = False,
-                 remat: str = "none", experts_fn=None):
+                 remat: str = "none"):
         """input_ids int32 [B, T] → float32 logits [B, T, vocab] (and per-MoE-layer RouterStats if return_aux).
 
         positions default to 0..T-1; segment_ids (packed sequences) restrict attention to equal ids.
@@ -106,7 +106,7 @@ class DeepseekV2(nnx.Module):
         stats = None
         for layers, is_moe in self.layer_groups():
             def step(layer, x, _):
-                return layer(x, cos, sin, segment_ids, token_mask, experts_fn)
+                return layer(x, cos, sin, segment_ids, token_mask)
             h, out = scan_layers(layers, h, step, remat=remat)
             if is_moe:
                 stats = out

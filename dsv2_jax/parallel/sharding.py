@@ -22,6 +22,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
+# Mesh axes that shard weights only at rest: a layer all-gathers its weights over them before computing (FSDP).
+STORAGE_ONLY_AXES = ("fsdp",)
+EXPERTS = "expert"  # the logical axis of stacked routed experts (MoE w_gate / w_up / w_down)
 
 LOGICAL_RULES: dict[str, str | None] = {
     "layers": None,       # scanned stack: every device holds its slice of every layer
@@ -86,6 +89,12 @@ def logical_to_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -
     return P(*out)
 
 
+def compute_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The spec of a weight as a layer computes with it (e.g. inside shard_map): `logical_to_spec` with the
+    storage-only axes (fsdp) gathered."""
+    return P(*(None if a in STORAGE_ONLY_AXES else a for a in logical_to_spec(axes, shape, mesh)))
+
+
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -110,7 +119,8 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_spec(mesh: Mesh) -> P:
-    return P(BATCH_AXES)
+    """Rows [B, ...] split over the batch axes the mesh has (a decode-only mesh may lack data / fsdp)."""
+    return P(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -119,7 +129,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -1,13 +1,14 @@
 """Start a training run from released weights: `dsv2 train --init-from DIR`.
 
 DIR is an HF DeepSeek-V2 directory, a `dsv2 convert` output or a `dsv2 train` workdir (its newest step). The
-weights are read by the one loader (`convert.load_checkpoint`) straight into the shardings the mesh's logical-axis
+weights are read by the one loader (`checkpoint.load.load_checkpoint`) straight into the shardings the mesh's logical-axis
 rules give them; the optimizer state and the LR schedule start fresh at step 0. A workdir that already holds a
 checkpoint is resumed instead (train.py checks that first and says so).
 
 The model config comes from the checkpoint unless the train config names one; a named config must give every
 parameter the checkpoint's shape, or one line says which parameter differs. Model configs may be presets, our
-ModelConfig JSON, or an HF `config.json` (either dialect) — `resolve_model_config` reads all of them.
+ModelConfig JSON, or an HF `config.json` (either dialect) — `resolve_model_config`, the one config resolver
+(`dsv2 info` uses it too), reads all of them.
 """
 
 from __future__ import annotations
@@ -25,17 +26,28 @@ HF_MARKERS = ("model_type", "architectures", "rope_scaling", "rope_parameters", 
 
 
 def resolve_model_config(spec: str | Path) -> ModelConfig:
-    """A preset name, a ModelConfig JSON, an HF config.json, or a checkpoint / run directory holding either."""
+    """A preset name, a ModelConfig JSON, an HF config.json (any file name), a train config JSON (its model), or
+    a checkpoint / run directory holding dsv2_config.json or config.json."""
     p = Path(spec)
     if p.is_dir():
         if (p / "dsv2_config.json").is_file():
             return ModelConfig.from_json(p / "dsv2_config.json")
         return ModelConfig.from_hf(p)
-    if p.suffix != ".json":
+    if p.suffix == ".json" or len(p.parts) > 1:
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such file or directory")
+        d = read_json_object(p)
+        if p.name == "config.json" or any(k in d for k in HF_MARKERS):
+            return ModelConfig.from_hf(p)
+        if "vocab_size" in d:
+            return ModelConfig.from_json(p)
+        from dsv2_jax.train.config import TrainConfig
+
+        return TrainConfig.from_dict(d, source=str(p)).model_config()
+    try:
         return ModelConfig.preset(str(spec))
-    if any(k in read_json_object(p) for k in HF_MARKERS):
-        return ModelConfig.from_hf(p)
-    return ModelConfig.from_json(p)
+    except ConfigError as e:
+        raise ConfigError(f"{spec}: no such file or directory, and {e}") from None
 
 
 def checkpoint_config(path: str | Path) -> ModelConfig:
@@ -67,7 +79,7 @@ def check_compatible(cfg: ModelConfig, ckpt_cfg: ModelConfig, source: str | Path
 
 def load_params(path: str | Path, mesh, dtype="float32") -> nnx.State:
     """The checkpoint's parameters as an nnx.State, each leaf placed by the mesh's logical-axis rules."""
-    from dsv2_jax.checkpoint.convert import load_checkpoint
+    from dsv2_jax.checkpoint.load import load_checkpoint
 
     return nnx.state(load_checkpoint(path, dtype, mesh=mesh))
 

@@ -32,7 +32,8 @@ from flax import nnx
 from dsv2_jax.config import ConfigError, ModelConfig
 from dsv2_jax.model.lazy_params import TARGET_GROUPS, LoraWeight, matches, projection_layout
 from dsv2_jax.checkpoint.orbax_io import flatten, unflatten
-from dsv2_jax.train.state import BATCH_KEYS, Trainer, cast_params
+from dsv2_jax.model.precision import cast_params
+from dsv2_jax.train.state import BATCH_KEYS, Trainer
 
 LORA_FILE = "lora.json"
 

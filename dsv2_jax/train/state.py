@@ -3,7 +3,9 @@
 State is a plain pytree {"params", "opt_state", "step"}: fp32 master parameters as an nnx.State (Variables keep
 their logical `axes`, and so do the AdamW moments mirroring them, which is how both get their shardings), the
 optax state and the step counter. `train_step` is a pure function jitted with jax.jit, in/out shardings from
-sharding.py and the state donated; parameters are cast to the compute dtype inside it (the router stays fp32).
+sharding.py and the state donated; parameters are cast to the compute dtype inside it (`model.precision` keeps
+the router fp32). On several devices the model's MoE layers run the expert-parallel dispatch
+(`expert_parallel.dispatch_for`), one for training (it may drop tokens) and one for eval (it never does).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from dsv2_jax.ops.attention_backend import current_platform
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.parallel.expert_parallel import check_expert_mesh, make_experts_fn
+from dsv2_jax.model.precision import cast_params
+from dsv2_jax.parallel.expert_parallel import dispatch_for, use_dispatch
 from dsv2_jax.train.losses import balance_loss, cross_entropy, expert_load
 from dsv2_jax.model.transformer import abstract_model, random_state
 from dsv2_jax.train.schedule import learning_rate, make_optimizer
@@ -26,14 +28,6 @@ from dsv2_jax.parallel.sharding import batch_sharding, tree_shardings
 from dsv2_jax.train.config import TrainConfig
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-FP32_PARAMS = ("w_router",)  # gate math stays in fp32 whatever the compute dtype
-
-
-def cast_params(params, dtype):
-    def cast(path, x):
-        keep = any(name in jax.tree_util.keystr(path) for name in FP32_PARAMS)
-        return x if keep or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
-    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _abstract(mesh):
@@ -46,21 +40,13 @@ class Trainer:
     def __init__(self, tc: TrainConfig, mesh: Mesh, cfg: ModelConfig | None = None):
         self.tc, self.mesh = tc, mesh
         self.cfg = cfg or tc.model_config()
-        check_expert_mesh(self.cfg, mesh)
         self.tx = make_optimizer(tc)
         self.schedule = learning_rate(tc)
         self.graphdef, _ = nnx.split(abstract_model(self.cfg, jnp.float32))
         self.compute_dtype = jnp.dtype(tc.compute_dtype)
-        # One device: the model's own dropless experts; several: expert-parallel dispatch in shard_map.
-        # ragged_all_to_all wherever the mesh's devices are not CPUs (an AbstractMesh may name its device).
-        with jax.sharding.use_abstract_mesh(_abstract(mesh)):
-            ragged = current_platform() != "cpu"
-        self.experts_fn, self.eval_experts_fn = (
-            (make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=True, seq_len=tc.seq_len,
-                             never_drop_every=tc.never_drop_every, use_ragged_all_to_all=ragged),
-             make_experts_fn(mesh, tc.moe_dispatch, tc.capacity_factor, train=False,  # eval never drops
-                             use_ragged_all_to_all=ragged))
-            if mesh.size > 1 else (None, None))
+        self.dispatch = dispatch_for(self.cfg, mesh, mode=tc.moe_dispatch, capacity_factor=tc.capacity_factor,
+                                     train=True, seq_len=tc.seq_len, never_drop_every=tc.never_drop_every)
+        self.eval_dispatch = dispatch_for(self.cfg, mesh, mode=tc.moe_dispatch, capacity_factor=tc.capacity_factor)
         self.abstract_state = jax.eval_shape(lambda: self._init(0))
         self.state_shardings = tree_shardings(self.abstract_state, mesh)
         self.batch_sharding = batch_sharding(mesh)
@@ -88,11 +74,10 @@ class Trainer:
         return nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
 
     def loss(self, params, batch, frozen=None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-        model = self.model_for(params, frozen)
+        model = use_dispatch(self.model_for(params, frozen), self.dispatch)
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):  # attention kernels run per shard (shard_map)
             logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                  token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat,
-                                  experts_fn=self.experts_fn)
+                                  token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat)
         ce = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         aux, terms = balance_loss(stats, self.cfg)
         metrics = {"ce_loss": ce, "aux_loss": aux, **terms}
@@ -103,10 +88,9 @@ class Trainer:
 
     def _eval_step(self, params, batch, frozen=None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """(summed next-token NLL, number of scored tokens) of one batch: no balance losses, no token dropping."""
-        model = self.model_for(params, frozen)
+        model = use_dispatch(self.model_for(params, frozen), self.eval_dispatch)  # eval never drops
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):
-            logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                           experts_fn=self.eval_experts_fn)
+            logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         tokens = batch["loss_mask"].sum()
         return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * tokens, tokens
 
