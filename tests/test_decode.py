@@ -12,7 +12,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from dsv2_jax import generate, load_model
 from dsv2_jax.infer.engine import DecodeEngine, decode_and_sample, prefill_and_sample
-from dsv2_jax.infer.latent_cache import LatentCache
+from dsv2_jax.infer.latent_cache import DenseLayerCache, LatentCache
 from kernels_pallas.reference import attention_mask
 from dsv2_jax.model.transformer import init_model
 from dsv2_jax.model.rope import rope_tables
@@ -84,7 +84,7 @@ def test_every_decode_step_matches_teacher_forced_forward(engine):
 
 
 def test_absorbed_decode_equals_expanded_attention(case):
-    """MLA.decode (latent cache + weight absorption) == expanded causal attention, per-row cache lengths."""
+    """One token through MLA with a dense layer cache (latent cache + weight absorption) == expanded causal attention, per-row cache lengths."""
     cfg = case[1].config
     graphdef, stacked = nnx.split(init_model(cfg, seed=3, std=0.15).moe_layers.attn)
     state = jax.tree.map(lambda x: x[0], stacked)  # layer 0 of the stack
@@ -98,10 +98,11 @@ def test_absorbed_decode_equals_expanded_attention(case):
         ckv, krope = attn.latents(x, cos, sin)
         rows = jnp.arange(b)
         one = lambda a: a[rows, lengths][:, None]  # noqa: E731
-        out, new_ckv, _ = attn.decode(one(x), one(cos), one(sin), ckv[None], krope[None], 0, lengths)
+        out, cache = attn(one(x), (one(cos), one(sin)), cache=DenseLayerCache(ckv[None], krope[None], jnp.int32(0),
+                                                                              lengths[:, None]))
         q_nope, q_rope = attn.queries(x, cos, sin)
         mask = attention_mask(s)
-        return (out[:, 0], attn(x, cos, sin)[rows, lengths], new_ckv, ckv,
+        return (out[:, 0], attn(x, (cos, sin))[0][rows, lengths], cache.ckv, ckv,
                 attn.attend_absorbed(q_nope, q_rope, ckv, krope, mask),
                 attn.attend_expanded(q_nope, q_rope, ckv, krope, mask))
 
