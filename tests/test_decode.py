@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from dsv2_jax import generate, load_model
+from dsv2_jax.infer.decode import prefill
 from dsv2_jax.infer.engine import DecodeEngine, decode_and_sample, prefill_and_sample
 from dsv2_jax.infer.latent_cache import DenseLayerCache, LatentCache
 from kernels_pallas.reference import attention_mask
@@ -81,6 +82,23 @@ def test_every_decode_step_matches_teacher_forced_forward(engine):
     want = np.asarray(jax.jit(lambda s, ids: nnx.merge(engine.graphdef, s)(ids))(engine.state, jnp.asarray(full)))
     for i, p in enumerate(PROMPTS):
         np.testing.assert_allclose(got[i], want[i, len(p) - 1:len(p) - 1 + NEW], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_cache_continues_a_prompt_in_chunks(engine):
+    """The same layer call with a non-empty dense cache and T > 1 new tokens (absorbed attention over the cached
+    context, DenseLayerCache.view): prefill 9 tokens, then the other 14 as one chunk == the whole prompt's forward."""
+    ids = jnp.asarray([PROMPTS[2]])  # 23 tokens
+
+    @jax.jit
+    def both(state, ids):
+        model = nnx.merge(engine.graphdef, state)
+        _, cache = prefill(model, LatentCache.zeros(model.config, 1, 32, jnp.float32), ids[:, :9], jnp.array([9]))
+        h, cache, _ = model.forward(ids[:, 9:], 9 + jnp.arange(14, dtype=jnp.int32)[None], cache=cache)
+        return model.logits(h), model(ids)[:, 9:], cache
+
+    got, want, cache = both(engine.state, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not cache.fresh and int(cache.lengths[0]) == 9  # the caller advances lengths
 
 
 def test_absorbed_decode_equals_expanded_attention(case):

@@ -9,6 +9,7 @@ attention masks out. This file is the whole of the dense layout: the layers see 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import jax
@@ -84,15 +85,17 @@ class DenseLayerCache(LatentLayerCache):
     fresh: bool = field(default=False, metadata=dict(static=True))
 
     def at(self, layer) -> DenseLayerCache:
-        return DenseLayerCache(self.ckv, self.krope, layer, self.positions, self.fresh)
+        return dataclasses.replace(self, layer=layer)
 
     def write(self, ckv, k_rope) -> DenseLayerCache:
-        if self.fresh:  # a prompt from position 0: one contiguous slab per layer
-            put = lambda a, x: jax.lax.dynamic_update_slice(a, x[None].astype(a.dtype), (self.layer, 0, 0, 0))  # noqa: E731
-        else:           # token t of row b at positions[b, t], in place
-            rows = jnp.arange(ckv.shape[0])[:, None]
-            put = lambda a, x: a.at[self.layer, rows, self.positions].set(x.astype(a.dtype))  # noqa: E731
-        return DenseLayerCache(put(self.ckv, ckv), put(self.krope, k_rope), self.layer, self.positions, self.fresh)
+        rows = jnp.arange(ckv.shape[0])[:, None]
+
+        def put(a, x):
+            if self.fresh:  # a prompt from position 0: one contiguous slab per layer
+                return jax.lax.dynamic_update_slice(a, x[None].astype(a.dtype), (self.layer, 0, 0, 0))
+            return a.at[self.layer, rows, self.positions].set(x.astype(a.dtype))  # token t of row b at positions[b, t]
+
+        return dataclasses.replace(self, ckv=put(self.ckv, ckv), krope=put(self.krope, k_rope))
 
     def view(self, dtype):
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, 0, keepdims=False).astype(dtype)  # noqa: E731

@@ -8,6 +8,10 @@
 | auto / pallas  | gpu      | `tokamax_gpu`: tokamax Mosaic GPU flash       | `mosaic_gpu`: kernels_pallas.mla_decode |
 | pallas         | cpu      | `interpret`: kernels_pallas.flash_mla         | `interpret`: kernels_pallas.mla_decode  |
 
+Decode over the paged serving cache (`paged_decode_attention`) uses `kernels_pallas.paged_mla_decode` with the same
+choice; it has no Hopper variant yet, so `mosaic_gpu` runs its gather reference. The caches (infer/latent_cache.py,
+serve/paged_cache.py) call the decode cores with their own layout and layer index.
+
 The Hopper decode kernel needs query and cache in one 16-bit dtype and a cache length of whole blocks; other
 caches decode with `xla` (`decode_kernel`). Under a mesh context (`jax.set_mesh` / `use_abstract_mesh`) the Pallas and
 tokamax cores run inside `shard_map` (batch over the batch axes, heads over "tensor"), because XLA cannot
