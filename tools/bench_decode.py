@@ -81,7 +81,7 @@ class NaiveLayerKV:
         q = jnp.concatenate([q_nope, q_rope], -1)[:, 0]
         k_all, v_all = kc[self.layer], vc[self.layer]
         scores = jnp.einsum("bhd,bshd->bhs", q, k_all, preferred_element_type=jnp.float32) * attn.cfg.softmax_scale
-        valid = jnp.arange(k_all.shape[1])[None, None] <= self.positions
+        valid = jnp.arange(k_all.shape[1])[None, None] <= self.positions[:, :, None]  # [B, 1, S]
         o = jnp.einsum("bhs,bshv->bhv", masked_softmax(scores, valid).astype(q.dtype), v_all.astype(q.dtype))
         return o[:, None], NaiveLayerKV(kc, vc, self.layer, self.positions)
 
@@ -126,7 +126,7 @@ def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
     rows.append({"impl": "latent_absorbed", "cache_bytes": latent_bytes, "s": dt})
 
     h = cfg.num_attention_heads
-    naive_cache = NaiveKVCache.zeros(cfg, batch, max_len, lengths)
+    naive_cache = NaiveKVCache.zeros(cfg, batch, max_len, jnp.full((batch,), context, jnp.int32))  # lengths: donated
     naive_bytes = sum(a.size * a.dtype.itemsize for a in (*naive_cache.k, *naive_cache.v))
     naive = jax.jit(lambda tok, c: naive_step(nnx.merge(graphdef, state), c, tok), donate_argnums=1)
     dt = time_steps(naive, (tokens, naive_cache), new)
