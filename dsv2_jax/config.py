@@ -20,6 +20,19 @@ MOE_IMPLS = ("reference", "ragged")
 GROUPED_GEMM_IMPLS = ("auto", "blocked", "gather", "tokamax", "ragged_dot")  # see grouped_gemm.py
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """A run of identical decoder layers stored as one stacked module: HF layers first .. first + count - 1."""
+    name: str   # the model attribute and parameter-tree key: "dense_layers" | "moe_layers"
+    moe: bool
+    first: int
+    count: int
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.first + self.count)
+
+
 class ConfigError(ValueError):
     """A config file or field is invalid; the message names it."""
 
@@ -112,6 +125,13 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.num_dense_layers
+
+    def layer_groups(self) -> tuple[LayerGroup, ...]:
+        """The non-empty stacked layer groups in depth order: first_k_dense_replace dense layers, then MoE.
+        Model, caches and checkpoint name mapping all take their grouping from here."""
+        groups = (LayerGroup("dense_layers", False, 0, self.num_dense_layers),
+                  LayerGroup("moe_layers", True, self.num_dense_layers, self.num_moe_layers))
+        return tuple(g for g in groups if g.count)
 
     @property
     def shared_intermediate_size(self) -> int:

@@ -140,106 +140,136 @@ def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t,
 _GPU_HEADS, _GPU_SPLIT_V = 64, 2
 
 
+def _gpu_load_queries(ql_gmem, qr_gmem, bi, heads, v, half, q_own, q_other, q_r, bar):
+    """Copy this tile's query into SMEM: its own and the other half of q_lat, and q_rope."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    srcs = (
+        ql_gmem.at[bi, heads, pl.ds(v * half, half)],
+        ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)],
+        qr_gmem.at[bi, heads],
+    )
+    for i, (src, dst) in enumerate(zip(srcs, (q_own, q_other, q_r))):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
+    for i in range(3):
+        plgpu.barrier_wait(bar.at[i])
+
+
+def _gpu_block_step(queries, ckv_own, ckv_other, kr, carry, *, pos0, length, scale, block_t):
+    """One cache block of the online softmax for a 64-head tile: WGMMA scores over both latent halves and the
+    rope part, positions >= length masked, then p @ ckv_own into the fp32 accumulator. carry = (acc, m, l)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    q_own, q_other, q_r = queries
+    acc, m, l = carry
+
+    def qk(s_ref):
+        plgpu.wgmma(s_ref, q_own, ckv_own.transpose((1, 0)))
+        plgpu.wgmma(s_ref, q_other, ckv_other.transpose((1, 0)))
+        plgpu.wgmma(s_ref, q_r, kr.transpose((1, 0)))
+        return s_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((_GPU_HEADS, block_t), jnp.float32)) * scale
+    pos = pos0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+    s = jnp.where(pos < length, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(q_own.dtype), ckv_own)
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l
+
+
+def _gpu_store(acc, m, l, o_dst, lse_dst, half):
+    """Normalise and write this tile's partial o [64, half] and lse [64] (staged through SMEM)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def store(o_smem, lse_smem):
+        o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+        lse_smem[...] = m + jnp.log(l)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_dst)
+        plgpu.copy_smem_to_gmem(lse_smem, lse_dst)  # same in both halves
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((_GPU_HEADS, half), jnp.float32), plgpu.SMEM((_GPU_HEADS,), jnp.float32))
+
+
+def _gpu_body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem, *, scale, block_t,
+              blocks_per_split, n_blocks, dtype):
+    """One CTA: (head tile hb, value half v, split s, row b) pipelines its blocks of layer `layer` of row b."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    hb, v = lax.axis_index("hb"), lax.axis_index("v")
+    split, bi = lax.axis_index("s"), lax.axis_index("b")
+    layer_i = layer_gmem[0]
+    heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
+    length = len_gmem[bi]
+    first = split * blocks_per_split
+    n = jnp.clip(pl.cdiv(length, block_t) - first, 0, blocks_per_split)  # blocks to visit
+    half, r = ckv_gmem.shape[-1] // _GPU_SPLIT_V, kr_gmem.shape[-1]
+    # 128-byte swizzled (8, 64)-tiled SMEM tiles: the operand layout WGMMA reads.
+    mma = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def compute(q_own, q_other, q_r, bar):
+        _gpu_load_queries(ql_gmem, qr_gmem, bi, heads, v, half, q_own, q_other, q_r, bar)
+
+        def step(idx, ckv_own, ckv_other, kr, carry):
+            return _gpu_block_step((q_own, q_other, q_r), ckv_own, ckv_other, kr, carry,
+                                   pos0=(first + idx[0]) * block_t, length=length, scale=scale, block_t=block_t)
+
+        block = lambda j: jnp.minimum(first + j, n_blocks - 1)  # noqa: E731
+        wg = plgpu.Layout.WGMMA
+        init = (
+            plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), jnp.float32), wg),
+            plgpu.layout_cast(jnp.full((_GPU_HEADS,), -jnp.inf, jnp.float32), wg.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((_GPU_HEADS,), jnp.float32), wg.reduce(1)),
+        )
+        # An empty split still runs one fully masked step (keeping the pipeline
+        # grid non-empty): m = MASK_VALUE gives lse ~ -1e30, i.e. zero weight in
+        # the merge, and o stays finite.
+        return plgpu.emit_pipeline(
+            step,
+            grid=(jnp.maximum(n, 1),),
+            in_specs=[
+                plgpu.BlockSpec((block_t, half), lambda j: (block(j), v), transforms=mma),
+                plgpu.BlockSpec((block_t, half), lambda j: (block(j), 1 - v), transforms=mma),
+                plgpu.BlockSpec((block_t, r), lambda j: (block(j), 0), transforms=mma),
+            ],
+            max_concurrent_steps=2,
+            init_carry=init,
+        )(ckv_gmem.at[layer_i, bi], ckv_gmem.at[layer_i, bi], kr_gmem.at[layer_i, bi])
+
+    acc, m, l = pl.run_scoped(
+        compute,
+        plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
+        plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
+        plgpu.SMEM((_GPU_HEADS, r), dtype, transforms=mma),
+        plgpu.Barrier(num_barriers=3),
+    )
+    # Staged after the pipeline's scope closes, so it reuses that SMEM.
+    _gpu_store(acc, m, l, o_gmem.at[bi, split, heads, pl.ds(v * half, half)], lse_gmem.at[bi, split, heads], half)
+
+
 def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits):
     import jax.experimental.pallas.mosaic_gpu as plgpu  # Hopper-only lowering
 
     b, h, c = q_lat.shape
-    t, r = ckv.shape[2], krope.shape[3]
     hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
     q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
     q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
-    half, n_blocks = c // _GPU_SPLIT_V, t // block_t
-    bps = pl.cdiv(n_blocks, num_splits)
-    dtype, f32 = q_lat.dtype, jnp.float32
-    # 128-byte swizzled (8, 64)-tiled SMEM tiles: the operand layout WGMMA reads.
-    mma = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    n_blocks = ckv.shape[2] // block_t
+    static = dict(scale=scale, block_t=block_t, blocks_per_split=pl.cdiv(n_blocks, num_splits), n_blocks=n_blocks,
+                  dtype=q_lat.dtype)
 
-    def body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem):
-        hb, v = lax.axis_index("hb"), lax.axis_index("v")
-        split, bi = lax.axis_index("s"), lax.axis_index("b")
-        layer_i = layer_gmem[0]
-        heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
-        length = len_gmem[bi]
-        first = split * bps
-        n = jnp.clip(pl.cdiv(length, block_t) - first, 0, bps)  # blocks to visit
+    def body(*refs):  # a named function: Mosaic GPU names the kernel after it
+        _gpu_body(*refs, **static)
 
-        def compute(q_own, q_other, q_r, bar):
-            srcs = (
-                ql_gmem.at[bi, heads, pl.ds(v * half, half)],
-                ql_gmem.at[bi, heads, pl.ds((1 - v) * half, half)],
-                qr_gmem.at[bi, heads],
-            )
-            for i, (src, dst) in enumerate(zip(srcs, (q_own, q_other, q_r))):
-                plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
-            for i in range(3):
-                plgpu.barrier_wait(bar.at[i])
-
-            def step(idx, ckv_own, ckv_other, kr, carry):
-                acc, m, l = carry
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, q_own, ckv_own.transpose((1, 0)))
-                    plgpu.wgmma(s_ref, q_other, ckv_other.transpose((1, 0)))
-                    plgpu.wgmma(s_ref, q_r, kr.transpose((1, 0)))
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((_GPU_HEADS, block_t), f32)) * scale
-                pos = (first + idx[0]) * block_t + plgpu.broadcasted_iota(
-                    jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA
-                )
-                s = jnp.where(pos < length, s, MASK_VALUE)
-                m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp(m - m_new)
-                p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p.astype(dtype), ckv_own)
-
-                return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l
-
-            block = lambda j: jnp.minimum(first + j, n_blocks - 1)
-            wg = plgpu.Layout.WGMMA
-            init = (
-                plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), f32), wg),
-                plgpu.layout_cast(jnp.full((_GPU_HEADS,), -jnp.inf, f32), wg.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((_GPU_HEADS,), f32), wg.reduce(1)),
-            )
-            # An empty split still runs one fully masked step (keeping the pipeline
-            # grid non-empty): m = MASK_VALUE gives lse ~ -1e30, i.e. zero weight in
-            # the merge, and o stays finite.
-            return plgpu.emit_pipeline(
-                step,
-                grid=(jnp.maximum(n, 1),),
-                in_specs=[
-                    plgpu.BlockSpec((block_t, half), lambda j: (block(j), v), transforms=mma),
-                    plgpu.BlockSpec((block_t, half), lambda j: (block(j), 1 - v), transforms=mma),
-                    plgpu.BlockSpec((block_t, r), lambda j: (block(j), 0), transforms=mma),
-                ],
-                max_concurrent_steps=2,
-                init_carry=init,
-            )(ckv_gmem.at[layer_i, bi], ckv_gmem.at[layer_i, bi], kr_gmem.at[layer_i, bi])
-
-        acc, m, l = pl.run_scoped(
-            compute,
-            plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
-            plgpu.SMEM((_GPU_HEADS, half), dtype, transforms=mma),
-            plgpu.SMEM((_GPU_HEADS, r), dtype, transforms=mma),
-            plgpu.Barrier(num_barriers=3),
-        )
-
-        # Staged after the pipeline's scope closes, so it reuses that SMEM.
-        def store(o_smem, lse_smem):
-            o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-            lse_smem[...] = m + jnp.log(l)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, split, heads, pl.ds(v * half, half)])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, split, heads])  # same in both halves
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(store, plgpu.SMEM((_GPU_HEADS, half), f32), plgpu.SMEM((_GPU_HEADS,), f32))
-
+    f32 = jnp.float32
     o_part, lse_part = plgpu.kernel(
         body,
         out_type=[jax.ShapeDtypeStruct((b, num_splits, hp, c), f32), jax.ShapeDtypeStruct((b, num_splits, hp), f32)],
@@ -247,7 +277,7 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, nu
         grid_names=("hb", "v", "s", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(lengths, layer, q_lat, q_rope, ckv, krope)
-    o, lse = combine_splits(o_part, lse_part, dtype)
+    o, lse = combine_splits(o_part, lse_part, q_lat.dtype)
     return o[:, :h], lse[:, :h]
 
 

@@ -11,8 +11,9 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from dsv2_jax import generate, load_model
+from dsv2_jax.infer.decode import prefill
 from dsv2_jax.infer.engine import DecodeEngine, decode_and_sample, prefill_and_sample
-from dsv2_jax.infer.latent_cache import LatentCache
+from dsv2_jax.infer.latent_cache import DenseLayerCache, LatentCache
 from kernels_pallas.reference import attention_mask
 from dsv2_jax.model.transformer import init_model
 from dsv2_jax.model.rope import rope_tables
@@ -83,8 +84,25 @@ def test_every_decode_step_matches_teacher_forced_forward(engine):
         np.testing.assert_allclose(got[i], want[i, len(p) - 1:len(p) - 1 + NEW], atol=1e-4, rtol=1e-4)
 
 
+def test_dense_cache_continues_a_prompt_in_chunks(engine):
+    """The same layer call with a non-empty dense cache and T > 1 new tokens (absorbed attention over the cached
+    context, DenseLayerCache.view): prefill 9 tokens, then the other 14 as one chunk == the whole prompt's forward."""
+    ids = jnp.asarray([PROMPTS[2]])  # 23 tokens
+
+    @jax.jit
+    def both(state, ids):
+        model = nnx.merge(engine.graphdef, state)
+        _, cache = prefill(model, LatentCache.zeros(model.config, 1, 32, jnp.float32), ids[:, :9], jnp.array([9]))
+        h, cache, _ = model.forward(ids[:, 9:], 9 + jnp.arange(14, dtype=jnp.int32)[None], cache=cache)
+        return model.logits(h), model(ids)[:, 9:], cache
+
+    got, want, cache = both(engine.state, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not cache.fresh and int(cache.lengths[0]) == 9  # the caller advances lengths
+
+
 def test_absorbed_decode_equals_expanded_attention(case):
-    """MLA.decode (latent cache + weight absorption) == expanded causal attention, per-row cache lengths."""
+    """One token through MLA with a dense layer cache (latent cache + weight absorption) == expanded causal attention, per-row cache lengths."""
     cfg = case[1].config
     graphdef, stacked = nnx.split(init_model(cfg, seed=3, std=0.15).moe_layers.attn)
     state = jax.tree.map(lambda x: x[0], stacked)  # layer 0 of the stack
@@ -98,10 +116,11 @@ def test_absorbed_decode_equals_expanded_attention(case):
         ckv, krope = attn.latents(x, cos, sin)
         rows = jnp.arange(b)
         one = lambda a: a[rows, lengths][:, None]  # noqa: E731
-        out, new_ckv, _ = attn.decode(one(x), one(cos), one(sin), ckv[None], krope[None], 0, lengths)
+        out, cache = attn(one(x), (one(cos), one(sin)), cache=DenseLayerCache(ckv[None], krope[None], jnp.int32(0),
+                                                                              lengths[:, None]))
         q_nope, q_rope = attn.queries(x, cos, sin)
         mask = attention_mask(s)
-        return (out[:, 0], attn(x, cos, sin)[rows, lengths], new_ckv, ckv,
+        return (out[:, 0], attn(x, (cos, sin))[0][rows, lengths], cache.ckv, ckv,
                 attn.attend_absorbed(q_nope, q_rope, ckv, krope, mask),
                 attn.attend_expanded(q_nope, q_rope, ckv, krope, mask))
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,6 @@ from dsv2_jax import DecodeEngine, ModelConfig, load_model
 from dsv2_jax.infer.engine import decode_and_sample
 from dsv2_jax.infer.latent_cache import LatentCache
 from kernels_pallas.reference import masked_softmax
-from dsv2_jax.model.transformer import scan_layers
-from dsv2_jax.model.rope import rope_tables
 
 
 def cache_table(cfg: ModelConfig, name: str) -> list[dict]:
@@ -37,34 +36,61 @@ def cache_table(cfg: ModelConfig, name: str) -> list[dict]:
              "vs_mha_pct": round(100 * (n / kinds["MHA"] - 1), 2)} for k, n in kinds.items()]
 
 
-def naive_step(model, k_cache, v_cache, lengths, tokens):
-    """One decode step over per-head decompressed K/V caches ([L_g, B, S, H, nope+rope] / [.., v]), per group."""
-    cfg = model.config
-    cos, sin = rope_tables(cfg, lengths[:, None])
-    rows = jnp.arange(tokens.shape[0])
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class NaiveKVCache:
+    """The baseline's cache: per-head decompressed K (nope+rope) [L_g, B, S, H, dqk] and V [L_g, B, S, H, dv] per
+    layer group. It plugs into the model's forward like the latent caches (model/layer_cache.py)."""
+    k: tuple[jnp.ndarray, ...]
+    v: tuple[jnp.ndarray, ...]
+    lengths: jnp.ndarray  # [B]
 
-    def step(layer, x, kv):
-        attn, xn = layer.attn, layer.attn_norm(x)
-        q_nope, q_rope = attn.queries(xn, cos, sin)
-        ckv, k_rope = attn.latents(xn, cos, sin)
-        k_nope = jnp.einsum("bc,chn->bhn", ckv[:, 0], attn.w_uk[...])
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, 0, None], (*k_nope.shape[:2], k_rope.shape[-1]))], -1)
-        v = jnp.einsum("bc,chv->bhv", ckv[:, 0], attn.w_uv[...])
-        kc, vc = kv[0].at[rows, lengths].set(k.astype(kv[0].dtype)), kv[1].at[rows, lengths].set(v.astype(kv[1].dtype))
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, lengths) -> NaiveKVCache:
+        h = cfg.num_attention_heads
+        shape = lambda g, d: (g.count, batch, max_len, h, d)  # noqa: E731
+        return cls(tuple(jnp.zeros(shape(g, cfg.qk_head_dim), jnp.bfloat16) for g in cfg.layer_groups()),
+                   tuple(jnp.zeros(shape(g, cfg.v_head_dim), jnp.bfloat16) for g in cfg.layer_groups()), lengths)
+
+    def group_view(self, g: int, positions) -> NaiveLayerKV:
+        return NaiveLayerKV(self.k[g], self.v[g], jnp.int32(0), positions)
+
+    def with_group_view(self, g: int, view: NaiveLayerKV) -> NaiveKVCache:
+        put = lambda arrays, a: arrays[:g] + (a,) + arrays[g + 1:]  # noqa: E731
+        return NaiveKVCache(put(self.k, view.k), put(self.v, view.v), self.lengths)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class NaiveLayerKV:
+    k: jnp.ndarray
+    v: jnp.ndarray
+    layer: jnp.ndarray
+    positions: jnp.ndarray  # [B, 1]: one decoded token per row
+
+    def at(self, layer) -> NaiveLayerKV:
+        return NaiveLayerKV(self.k, self.v, layer, self.positions)
+
+    def write_and_attend(self, attn, q_nope, q_rope, ckv, k_rope):
+        """Decompress the new token's K/V per head, store them, attend over the stored heads → [B,1,H,v]."""
+        k_nope, v = attn.expand_kv(ckv)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))], -1)
+        rows = jnp.arange(ckv.shape[0])[:, None]
+        kc = self.k.at[self.layer, rows, self.positions].set(k.astype(self.k.dtype))
+        vc = self.v.at[self.layer, rows, self.positions].set(v.astype(self.v.dtype))
         q = jnp.concatenate([q_nope, q_rope], -1)[:, 0]
-        scores = jnp.einsum("bhd,bshd->bhs", q, kc, preferred_element_type=jnp.float32) * cfg.softmax_scale
-        valid = jnp.arange(kc.shape[1])[None, None] <= lengths[:, None, None]
-        o = jnp.einsum("bhs,bshv->bhv", masked_softmax(scores, valid).astype(q.dtype), vc.astype(q.dtype))
-        h, _ = layer.feed_forward(x + attn.output(o[:, None]), None)
-        return h, (kc, vc)
+        k_all, v_all = kc[self.layer], vc[self.layer]
+        scores = jnp.einsum("bhd,bshd->bhs", q, k_all, preferred_element_type=jnp.float32) * attn.cfg.softmax_scale
+        valid = jnp.arange(k_all.shape[1])[None, None] <= self.positions[:, :, None]  # [B, 1, S]
+        o = jnp.einsum("bhs,bshv->bhv", masked_softmax(scores, valid).astype(q.dtype), v_all.astype(q.dtype))
+        return o[:, None], NaiveLayerKV(kc, vc, self.layer, self.positions)
 
-    h = model.embed_tokens(tokens[:, None])
-    ks, vs = [], []
-    for (layers, _), kg, vg in zip(model.layer_groups(), k_cache, v_cache):
-        h, (kg, vg) = scan_layers(layers, h, step, xs=(kg, vg))
-        ks.append(kg)
-        vs.append(vg)
-    return jnp.argmax(model.logits(h)[:, 0], -1).astype(jnp.int32), tuple(ks), tuple(vs), lengths + 1
+
+def naive_step(model, cache: NaiveKVCache, tokens):
+    """One greedy decode step over the naive cache: the model's own forward → (tokens [B], cache)."""
+    h, cache, _ = model.forward(tokens[:, None], cache.lengths[:, None], cache=cache)
+    tokens = jnp.argmax(model.logits(h)[:, 0], -1).astype(jnp.int32)
+    return tokens, NaiveKVCache(cache.k, cache.v, cache.lengths + 1)
 
 
 def time_steps(fn, carry, steps: int) -> float:
@@ -86,7 +112,6 @@ def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
     rng = np.random.default_rng(0)
     lengths = jnp.full((batch,), context, jnp.int32)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, batch), jnp.int32)
-    groups = [n for n in (cfg.num_dense_layers, cfg.num_moe_layers) if n]
     rows = []
 
     cache = LatentCache.zeros(cfg, batch, max_len).replace(lengths=lengths)
@@ -100,13 +125,11 @@ def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
     dt = time_steps(latent, (tokens, cache), new)
     rows.append({"impl": "latent_absorbed", "cache_bytes": latent_bytes, "s": dt})
 
-    h, dqk = cfg.num_attention_heads, cfg.qk_head_dim
-    kc = tuple(jnp.zeros((n, batch, max_len, h, dqk), jnp.bfloat16) for n in groups)
-    vc = tuple(jnp.zeros((n, batch, max_len, h, cfg.v_head_dim), jnp.bfloat16) for n in groups)
-    naive_bytes = sum(a.size * a.dtype.itemsize for a in (*kc, *vc))
-    naive = jax.jit(lambda tok, k, v, n: naive_step(nnx.merge(graphdef, state), k, v, n, tok)[:4],
-                    donate_argnums=(1, 2))
-    dt = time_steps(naive, (tokens, kc, vc, jnp.full((batch,), context, jnp.int32)), new)
+    h = cfg.num_attention_heads
+    naive_cache = NaiveKVCache.zeros(cfg, batch, max_len, jnp.full((batch,), context, jnp.int32))  # lengths: donated
+    naive_bytes = sum(a.size * a.dtype.itemsize for a in (*naive_cache.k, *naive_cache.v))
+    naive = jax.jit(lambda tok, c: naive_step(nnx.merge(graphdef, state), c, tok), donate_argnums=1)
+    dt = time_steps(naive, (tokens, naive_cache), new)
     rows.append({"impl": "naive_decompressed_kv", "cache_bytes": naive_bytes, "s": dt})
     rows.append({"impl": "mha_equivalent", "cache_bytes": 2 * h * cfg.v_head_dim * cfg.num_hidden_layers * 2 * batch
                  * max_len, "s": None})

@@ -188,9 +188,7 @@ def check_tensors(ckpt: SafetensorsCheckpoint, cfg: ModelConfig) -> None:
 
 def stacked_groups(cfg: ModelConfig) -> list[tuple[str, range]]:
     """(parameter-tree key, HF layer indices) for each stacked layer group."""
-    groups = [("dense_layers", range(0, cfg.num_dense_layers)),
-              ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers))]
-    return [(k, r) for k, r in groups if len(r)]
+    return [(g.name, g.layers) for g in cfg.layer_groups()]
 
 
 def params_from_hf(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype, shardings: dict | None = None) -> dict:

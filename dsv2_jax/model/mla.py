@@ -74,36 +74,36 @@ class MLA(nnx.Module):
     def output(self, o: jnp.ndarray) -> jnp.ndarray:
         return jnp.einsum("bthv,hvd->btd", o, self.wo[...])
 
-    def attend_sequence(self, x, cos, sin, segment_ids=None, phase: str = "train"):
-        """Causal self-attention over x [B,T,D] (optionally packed): (out [B,T,D], (ckv, k_rope) to cache).
+    def attend_sequence(self, q_nope, q_rope, ckv, k_rope, segment_ids=None, phase: str = "train") -> jnp.ndarray:
+        """Causal self-attention among T new tokens (packed: within equal segment_ids [B,T]) → [B,T,H,v].
 
-        The core (XLA, or a flash kernel) is chosen by attention_backend from attention_impl, platform and phase.
+        q_nope [B,T,H,nope], q_rope [B,T,H,rope], ckv [B,T,C], k_rope [B,T,rope]. The core (XLA, or a flash
+        kernel) is chosen by attention_backend from attention_impl, platform and phase.
         """
-        q_nope, q_rope = self.queries(x, cos, sin)
-        ckv, k_rope = self.latents(x, cos, sin)
         k_nope, v = self.expand_kv(ckv)
-        o = attention_backend.sequence_attention(self.cfg.attention_impl, phase, q_nope, q_rope, k_nope, k_rope, v,
-                                                 segment_ids, self.cfg.softmax_scale)
-        return self.output(o), (ckv, k_rope)
+        return attention_backend.sequence_attention(self.cfg.attention_impl, phase, q_nope, q_rope, k_nope, k_rope,
+                                                    v, segment_ids, self.cfg.softmax_scale)
 
-    def __call__(self, x, cos, sin, segment_ids=None) -> jnp.ndarray:
-        return self.attend_sequence(x, cos, sin, segment_ids)[0]
+    def attend_token(self, q_nope, q_rope, attend_latent) -> jnp.ndarray:
+        """One query token per row, absorbed: q_nope [B,1,H,nope], q_rope [B,1,H,rope] → [B,1,H,v].
 
-    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths):
-        """One new token per sequence with weight absorption over the latent cache.
-
-        x [B,1,D] at positions `lengths` (cos/sin [B,1,rope/2]); cache_ckv [L,B,S,C], cache_krope [L,B,S,R] are
-        the whole layer group's cache, of which this is layer `layer`, holding `lengths[b]` valid tokens. Only
-        the new token's 576 numbers are written, in place; attention reads the layer's slice where it lies.
-        Returns (out [B,1,D], cache_ckv, cache_krope) with this token appended.
+        attend_latent(q_lat [B,H,C], q_rope [B,H,R]) → o_lat [B,H,C] is the cache's latent decode kernel.
         """
+        q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], self.w_uk[...])
+        o_lat = attend_latent(q_lat, q_rope[:, 0])
+        return jnp.einsum("bhc,chv->bhv", o_lat, self.w_uv[...])[:, None]
+
+    def __call__(self, x, rope, *, cache=None, segment_ids=None):
+        """x [B,T,D] at the positions of rope = (cos, sin) [B,T,rope/2] → (out [B,T,D], cache).
+
+        Without a cache (training) the tokens attend causally to each other (within equal segment_ids); with
+        one (a model.layer_cache.LayerCache) their latents are stored and they attend over all the row holds.
+        """
+        cos, sin = rope
         q_nope, q_rope = self.queries(x, cos, sin)
         ckv, k_rope = self.latents(x, cos, sin)
-        rows = jnp.arange(x.shape[0])
-        cache_ckv = cache_ckv.at[layer, rows, lengths].set(ckv[:, 0].astype(cache_ckv.dtype))
-        cache_krope = cache_krope.at[layer, rows, lengths].set(k_rope[:, 0].astype(cache_krope.dtype))
-        q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], self.w_uk[...])
-        o_lat = attention_backend.decode_attention(self.cfg.attention_impl, q_lat, q_rope[:, 0], cache_ckv,
-                                                   cache_krope, lengths + 1, scale=self.cfg.softmax_scale, layer=layer)
-        o = jnp.einsum("bhc,chv->bhv", o_lat, self.w_uv[...])
-        return self.output(o[:, None]), cache_ckv, cache_krope
+        if cache is None:
+            o = self.attend_sequence(q_nope, q_rope, ckv, k_rope, segment_ids)
+        else:
+            o, cache = cache.write_and_attend(self, q_nope, q_rope, ckv, k_rope)
+        return self.output(o), cache

@@ -1,7 +1,8 @@
 """DeepSeek-V2: embedding → first_k_dense_replace dense layers → MoE layers → RMSNorm → untied lm_head.
 
 Each group of identical layers is ONE module whose parameters carry a leading "layers" axis; the forward pass
-scans over it, so compile time does not grow with depth. Training, prefill and decode all run this module.
+scans over it, so compile time does not grow with depth. Training, prefill, decode and the paged serving step all
+run this module (`forward`, with or without a cache).
 """
 
 from __future__ import annotations
@@ -42,16 +43,16 @@ class DecoderLayer(nnx.Module):
             return h + y, stats
         return h + self.mlp(x), None
 
-    def __call__(self, x, cos, sin, segment_ids=None, token_mask=None):
-        h = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
-        return self.feed_forward(h, token_mask)
+    def __call__(self, x, rope, *, cache=None, segment_ids=None, token_mask=None):
+        """x [B,T,D] at rope = (cos, sin) [B,T,rope/2] → (x [B,T,D], cache, RouterStats | None).
 
-    def decode(self, x, cos, sin, cache_ckv, cache_krope, layer, lengths):
-        """One cached decode step of this layer (see MLA.decode): returns (h, cache_ckv, cache_krope)."""
-        a, cache_ckv, cache_krope = self.attn.decode(self.attn_norm(x), cos, sin, cache_ckv, cache_krope, layer,
-                                                     lengths)
-        h, _ = self.feed_forward(x + a, None)
-        return h, cache_ckv, cache_krope
+        Training (cache None), prefill, decode and the paged serving step are all this call; a cache
+        (model.layer_cache.LayerCache) decides where the new tokens' latents go and what they attend to.
+        token_mask [B,T] marks real tokens (padding is left out of MoE routing).
+        """
+        a, cache = self.attn(self.attn_norm(x), rope, cache=cache, segment_ids=segment_ids)
+        h, stats = self.feed_forward(x + a, token_mask)
+        return h, cache, stats
 
 
 def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: str = "none"):
@@ -72,9 +73,11 @@ class DeepseekV2(nnx.Module):
         """Zero weights and unit norms: use `init_model`, `load_model` or a checkpoint restore for real ones."""
         self.config = cfg
         self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.dense_layers = (DecoderLayer(cfg, False, dtype, (cfg.num_dense_layers,))
-                             if cfg.num_dense_layers else None)
-        self.moe_layers = DecoderLayer(cfg, True, dtype, (cfg.num_moe_layers,)) if cfg.num_moe_layers else None
+        groups = {g.name: g for g in cfg.layer_groups()}
+        stack = lambda name: (DecoderLayer(cfg, groups[name].moe, dtype, (groups[name].count,))  # noqa: E731
+                              if name in groups else None)
+        self.dense_layers = stack("dense_layers")
+        self.moe_layers = stack("moe_layers")
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "embed")
         self.lm_head = param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
@@ -89,8 +92,37 @@ class DeepseekV2(nnx.Module):
         return jnp.einsum("btd,dv->btv", self.norm(h), self.lm_head[...], preferred_element_type=jnp.float32)
 
     def layer_groups(self):
-        """(stacked layers, is_moe) for each non-empty group, in depth order."""
-        return [(g, moe) for g, moe in ((self.dense_layers, False), (self.moe_layers, True)) if g is not None]
+        """(stacked layers, is_moe) for each of config.layer_groups(), in depth order."""
+        return [(getattr(self, g.name), g.moe) for g in self.config.layer_groups()]
+
+    def forward(self, input_ids, positions=None, *, cache=None, segment_ids=None, token_mask=None,
+                remat: str = "none"):
+        """input_ids int32 [B, T] at positions [B, T] (default 0..T-1) → (final hidden states [B, T, D] before
+        the norm, cache, RouterStats of the MoE layers or None).
+
+        segment_ids (packed sequences) restrict attention to equal ids. With a cache (LatentCache,
+        PagedLatentCache.for_batch(...)) each layer stores the tokens' latents there and attends over it.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        rope = rope_tables(self.config, positions)
+        h = self.embed_tokens(input_ids)
+        stats = None
+        for g, group in enumerate(self.config.layer_groups()):
+            def step(layer, carry, i):
+                x, view = carry
+                x, view, st = layer(x, rope, cache=None if view is None else view.at(i), segment_ids=segment_ids,
+                                    token_mask=token_mask)
+                return (x, view), st
+            view = None if cache is None else cache.group_view(g, positions)
+            (h, view), out = scan_layers(getattr(self, group.name), (h, view), step,
+                                         xs=None if cache is None else jnp.arange(group.count, dtype=jnp.int32),
+                                         remat=remat)
+            cache = None if cache is None else cache.with_group_view(g, view)
+            if group.moe:
+                stats = out
+        return h, cache, stats
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, token_mask=None, return_aux: bool = False,
                  remat: str = "none"):
@@ -98,18 +130,8 @@ class DeepseekV2(nnx.Module):
 
         positions default to 0..T-1; segment_ids (packed sequences) restrict attention to equal ids.
         """
-        b, t = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_tables(self.config, positions)
-        h = self.embed_tokens(input_ids)
-        stats = None
-        for layers, is_moe in self.layer_groups():
-            def step(layer, x, _):
-                return layer(x, cos, sin, segment_ids, token_mask)
-            h, out = scan_layers(layers, h, step, remat=remat)
-            if is_moe:
-                stats = out
+        h, _, stats = self.forward(input_ids, positions, segment_ids=segment_ids, token_mask=token_mask,
+                                   remat=remat)
         logits = self.logits(h)
         return (logits, stats) if return_aux else logits
 

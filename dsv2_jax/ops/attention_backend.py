@@ -8,6 +8,10 @@
 | auto / pallas  | gpu      | `tokamax_gpu`: tokamax Mosaic GPU flash       | `mosaic_gpu`: kernels_pallas.mla_decode |
 | pallas         | cpu      | `interpret`: kernels_pallas.flash_mla         | `interpret`: kernels_pallas.mla_decode  |
 
+Decode over the paged serving cache (`paged_decode_attention`) uses `kernels_pallas.paged_mla_decode` with the same
+choice; it has no Hopper variant yet, so `mosaic_gpu` runs its gather reference. The caches (infer/latent_cache.py,
+serve/paged_cache.py) call the decode cores with their own layout and layer index.
+
 The Hopper decode kernel needs query and cache in one 16-bit dtype and a cache length of whole blocks; other
 caches decode with `xla` (`decode_kernel`). Under a mesh context (`jax.set_mesh` / `use_abstract_mesh`) the Pallas and
 tokamax cores run inside `shard_map` (batch over the batch axes, heads over "tensor"), because XLA cannot
@@ -32,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from dsv2_jax.parallel.sharding import BATCH_AXES, LOGICAL_RULES
 import kernels_pallas
 from kernels_pallas.mla_decode import decode_supported
+from kernels_pallas.paged_mla_decode import paged_mla_decode
 from kernels_pallas.reference import attention_mask, masked_softmax
 
 IMPLS = ("auto", "xla", "pallas")
@@ -158,7 +163,7 @@ def sequence_attention(impl: str, phase: str, q_nope, q_rope, k_nope, k_rope, v,
     return _sharded(core, (qkv, qkv, qkv, seg), qkv)(*_kernel_qk(q_nope, q_rope, k_nope, k_rope), v, segment_ids)
 
 
-# ---- decode: absorbed single-token attention over the stacked latent cache ---------------------------------
+# ---- decode: absorbed single-token attention over a latent cache (the cache supplies its layer index) -------
 def decode_kernel(impl: str, platform: str, q_dtype, cache_dtype, max_len: int) -> str:
     """The decode core for this cache: `select`'s choice, or xla where the kernel cannot take the cache."""
     kernel = select(impl, platform, "decode")
@@ -180,3 +185,10 @@ def decode_attention(impl: str, q_lat, q_rope, ckv, krope, lengths, *, scale, la
     q, cache = P(b, h, None), P(None, b, None, None)
     return _sharded(core, (q, q, cache, cache, P(b), P()), q)(q_lat, q_rope, ckv, krope, lengths,
                                                                jnp.asarray(layer, jnp.int32))
+
+
+def paged_decode_attention(impl: str, q_lat, q_rope, ckv, krope, block_tables, lengths, *, scale, layer):
+    """`decode_attention` over a paged pool: ckv [L,P,page,C], krope [L,P,page,R], block_tables [B,N] page ids
+    of each row; row b attends to its positions < lengths[b]. Returns o_lat [B,H,C] in q_lat's dtype."""
+    return paged_mla_decode(q_lat, q_rope, ckv, krope, block_tables, lengths, scale=scale, layer=layer,
+                            backend=select(impl, current_platform(), "decode"))[0]

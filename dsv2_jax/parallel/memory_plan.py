@@ -100,7 +100,7 @@ def activation_parts(cfg: ModelConfig, local_batch: int, seq_len: int, remat: st
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype), g_state)
 
         def run(s, h, g_def=g_def):
-            out, _ = scan_layers(nnx.merge(g_def, s), h, lambda layer, y, _: layer(y, cos, sin))
+            out, _ = scan_layers(nnx.merge(g_def, s), h, lambda layer, y, _: layer(y, (cos, sin))[::2])  # (h, stats)
             return out.astype(jnp.float32).sum()
 
         per_layer.append(residual_bytes(run, one, x))

@@ -1,8 +1,9 @@
 """One jitted forward over the paged latent cache: chunked prefill and decode are the same function.
 
 A batch is B rows of up to T new tokens each: row b continues its sequence at position starts[b] with n_new[b]
-tokens (decode: T = 1). Every layer of the ONE DeepseekV2 module writes the new tokens' c_KV / k_rope into their
-pages (padding writes go to the trash page) and then attends with weight absorption over the row's pages:
+tokens (decode: T = 1). It is the ONE DeepseekV2 forward, called with the pool addressed by this batch's block
+tables (`PagedLatentCache.for_batch`): every layer writes the new tokens' c_KV / k_rope into their pages (padding
+writes go to the trash page) and attends with weight absorption over the row's pages (serve/paged_cache.py):
   * T = 1 (decode): `kernels_pallas.paged_mla_decode`, the Pallas kernel or its gather reference by the model's
     attention_impl;
   * T > 1 (prefill chunks): the pages are gathered and `MLA.attend_absorbed` runs with a causal mask over
@@ -18,63 +19,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv2_jax.ops.attention_backend import current_platform, select
-from dsv2_jax.model.transformer import DeepseekV2, scan_layers
-from dsv2_jax.model.rope import rope_tables
+from dsv2_jax.model.transformer import DeepseekV2
 from dsv2_jax.infer.sampling import sample
-from dsv2_jax.serve.paged_cache import TRASH_PAGE, PagedLatentCache
-from kernels_pallas.paged_mla_decode import gather_pages, paged_mla_decode
-
-
-def _attend(attn, q_nope, q_rope, ckv_pool, krope_pool, layer, block_tables, positions, lengths):
-    """Absorbed attention of the new tokens [B,T] over their rows' pages → [B,T,H,v]."""
-    scale = attn.cfg.softmax_scale
-    if q_nope.shape[1] == 1:
-        q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], attn.w_uk[...])
-        o_lat, _ = paged_mla_decode(q_lat, q_rope[:, 0], ckv_pool, krope_pool, block_tables, lengths, scale=scale,
-                                    layer=layer, backend=select(attn.cfg.attention_impl, current_platform(), "decode"))
-        return jnp.einsum("bhc,chv->bhv", o_lat, attn.w_uv[...])[:, None]
-    ckv = gather_pages(ckv_pool, block_tables, layer).astype(q_nope.dtype)
-    krope = gather_pages(krope_pool, block_tables, layer).astype(q_nope.dtype)
-    mask = jnp.arange(ckv.shape[1])[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
-    return attn.attend_absorbed(q_nope, q_rope, ckv, krope, mask)
+from dsv2_jax.serve.paged_cache import PagedLatentCache
 
 
 def paged_forward(model: DeepseekV2, cache: PagedLatentCache, tokens, starts, n_new, block_tables):
     """tokens [B,T] int32, starts [B], n_new [B] (0..T; 0 = padding row), block_tables [B,N] page ids covering
     positions < starts + n_new → (logits [B,V] fp32 at each row's last new token, cache with the tokens written).
     """
-    b, t = tokens.shape
-    page = cache.page_size
-    offs = jnp.arange(t, dtype=jnp.int32)
+    offs = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     positions = starts[:, None] + offs                                           # [B,T]
-    valid = offs[None, :] < n_new[:, None]
-    slot = jnp.clip(positions // page, 0, block_tables.shape[1] - 1)
-    write_page = jnp.where(valid, jnp.take_along_axis(block_tables, slot, axis=1), TRASH_PAGE)
-    write_off = positions % page
-    lengths = starts + jnp.maximum(n_new, 1)  # decode attends to everything up to and including its token
-    cos, sin = rope_tables(model.config, positions)
-
-    def step(layer, carry, i):
-        h, ckv_pool, krope_pool = carry
-        attn = layer.attn
-        x = layer.attn_norm(h)
-        q_nope, q_rope = attn.queries(x, cos, sin)
-        ckv, k_rope = attn.latents(x, cos, sin)
-        ckv_pool = ckv_pool.at[i, write_page, write_off].set(ckv.astype(ckv_pool.dtype))
-        krope_pool = krope_pool.at[i, write_page, write_off].set(k_rope.astype(krope_pool.dtype))
-        o = _attend(attn, q_nope, q_rope, ckv_pool, krope_pool, i, block_tables, positions, lengths)
-        h, _ = layer.feed_forward(h + attn.output(o), valid)
-        return (h, ckv_pool, krope_pool), None
-
-    h = model.embed_tokens(tokens)
-    ckvs, kropes = [], []
-    for (layers, _), ckv_g, krope_g in zip(model.layer_groups(), cache.ckv, cache.krope):
-        (h, ckv, krope), _ = scan_layers(layers, (h, ckv_g, krope_g), step, xs=jnp.arange(ckv_g.shape[0]))
-        ckvs.append(ckv)
-        kropes.append(krope)
+    h, batch, _ = model.forward(tokens, positions, cache=cache.for_batch(block_tables, n_new),
+                                token_mask=offs[None, :] < n_new[:, None])
     last = jnp.take_along_axis(h, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B,1,D]
-    return model.logits(last)[:, 0], PagedLatentCache(tuple(ckvs), tuple(kropes))
+    return model.logits(last)[:, 0], batch.pool
 
 
 def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
