@@ -100,11 +100,52 @@ def largest_buffer(impl: str, m: int = 128, e: int = 64, d: int = 16, f: int = 8
 
 
 def test_blocked_forward_and_backward_never_expand_to_every_expert():
-    """128 rows, 64 experts: the dense expansion is E·M·F = 65,536 elements; XLA's ragged_dot builds it on CPU,
-    the blocked path's largest array is the weight stack itself (E·D·F = 8,192)."""
+    """128 rows, 64 experts: the dense expansion is E·M·F = 65,536 elements; XLA's ragged_dot builds it on CPU.
+    The blocked path's largest arrays are the weight stack (E·D·F = 8,192) and the rows padded to whole tiles,
+    sized for the worst case: ≤ (M + (E + one step of tiles)·tile)·D (tile 16, 32 tiles a step: 26,624)."""
     dense = 64 * 128 * 8
     assert largest_buffer("ragged_dot") >= dense  # the failure mode this guards against
-    assert largest_buffer("blocked") <= 64 * 16 * 8
+    tile, chunk = gg.blocked_plan(128, 64, 16, 8, 4)
+    assert largest_buffer("blocked") <= (128 + (64 + chunk) * tile) * 16 < dense
+
+
+def test_blocked_with_experts_spanning_loop_steps():
+    """Tiles of 8 rows, 3 tiles per step: the hot expert (~60 rows) spans several steps, so its weight gradient
+    is carried across steps; empty experts in between and a tail step with unused tiles."""
+    x, r, w = make_problem("ragged", jnp.float32)
+    gs_plan = gg.blocked_plan
+    try:
+        gg.blocked_plan = lambda *a: (8, 3)
+        check_against_reference(jax.jit(partial(moe.experts_ragged, gemm="blocked")), x, r, w, FP32)
+    finally:
+        gg.blocked_plan = gs_plan
+
+
+def test_blocked_backward_writes_bf16_weight_grads_without_fp32_stacks():
+    """bf16 weights: the compiled backward's fp32 arrays are per-step temporaries (32 tiles' weight grads at
+    most), none the size of a weight stack; empty experts get exact zero gradients."""
+    e, d, f, m = 64, 32, 24, 64
+    ids = jnp.asarray(np.arange(m) % 4 * 3, jnp.int32)  # experts 0, 3, 6, 9 only
+    x = jnp.ones((m, d), jnp.bfloat16)
+    w = [jnp.full(s, 0.01, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    step = jax.jit(jax.grad(lambda x, *w: jnp.sum(gg.grouped_expert_mlp(x, ids, *w, impl="blocked")
+                                                   .astype(jnp.float32)), argnums=(1, 2, 3)))
+    hlo = step.lower(x, *w).compile().as_text()
+    f32 = [int(np.prod([int(s) for s in dims.split(",") if s])) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]
+    assert max(f32) <= e * d * f // 2
+    for g in step(x, *w):
+        assert g.dtype == jnp.bfloat16
+        empty = np.setdiff1d(np.arange(e), [0, 3, 6, 9])
+        assert np.all(np.asarray(g[empty], np.float32) == 0) and np.all(np.asarray(g[:1], np.float32) != 0)
+
+
+def test_blocked_plan_follows_the_data():
+    """The tile follows the mean group size (less padding per active expert); a step batches ≤ ~512 rows and
+    never gathers more weights than the stack holds."""
+    assert gg.blocked_plan(2048, 4, 64, 32, 4) == (128, 4)
+    tile, chunk = gg.blocked_plan(12288, 160, 512, 352, 4)
+    assert tile == 32 and chunk * 3 * 512 * 352 * 4 <= 16 << 20
+    assert gg.blocked_plan(128, 64, 16, 8, 4)[1] <= 64
 
 
 def test_gather_reads_only_the_selected_experts():
@@ -172,6 +213,25 @@ def test_tokamax_kernel_in_interpret_mode_equals_reference(monkeypatch):
     monkeypatch.setattr(gg, "tokamax_ragged_dot", interpret_ragged_dot)
     x, r, w = make_problem("ragged", jnp.float32, n=40, k=2, d=128, f=128)
     check_against_reference(partial(moe.experts_ragged, gemm="tokamax"), x, r, w, dict(atol=1e-4, rtol=1e-4))
+
+
+def test_tokamax_refusing_the_backward_falls_back_to_blocked(monkeypatch):
+    """tokamax refuses some shapes/dtypes only in its backward kernels (traced when differentiated): the seam
+    then runs "blocked" for the whole problem instead of raising, and still equals the reference."""
+    @jax.custom_vjp
+    def forward_only(lhs, rhs, group_sizes):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+    def refuse(*_):
+        raise NotImplementedError("no backward kernel for this shape")
+    forward_only.defvjp(lambda lhs, rhs, gs: (forward_only(lhs, rhs, gs), None), refuse)
+    monkeypatch.setattr(gg, "tokamax_ragged_dot", lambda lhs, rhs, gs, **_: forward_only(lhs, rhs, gs))
+    ran = []
+    real = gg.blocked_swiglu
+    monkeypatch.setattr(gg, "blocked_swiglu", lambda *a: ran.append(a[-2:]) or real(*a))
+    x, r, w = make_problem("ragged", jnp.float32)
+    check_against_reference(partial(moe.experts_ragged, gemm="tokamax"), x, r, w, FP32)
+    assert ran
 
 
 def export_tokamax(platform: str):

@@ -9,9 +9,12 @@ decode all call it; `impl` (config `grouped_gemm`) picks the backend, "auto" pic
   * "tokamax" — tokamax's Pallas Mosaic `ragged_dot` (TPU v5+, NVIDIA Ampere+ / Hopper), forward and backward
                 kernels; auto on TPU and on GPUs of compute capability ≥ 9.0. A shape/dtype the kernel rejects
                 at trace time falls back to "blocked".
-  * "blocked" — the generic O(active) path (CPU, older GPUs): rows sorted by expert, a loop over row tiles
-                of `tile` rows, each tile one expert's fused SwiGLU, with a custom VJP of the same shape, so
-                forward and backward cost ~(N·K + active_experts·tile) rows, not N·K·E.
+  * "blocked" — the generic O(active) path (CPU, older GPUs): rows sorted by expert, each expert's rows
+                padded to whole tiles, a loop whose every step runs a batch of tiles (each one expert's fused
+                SwiGLU), with a custom VJP of the same shape: forward and backward cost ~(N·K + active_experts
+                · tile) rows, not N·K·E; empty experts cost nothing but O(E) integers, and each expert's weight
+                gradient is summed in fp32 over its tiles and written once into a zero buffer of the weights'
+                dtype (no fp32 [E, D, F] temporaries for bf16 weights).
   * "ragged_dot" — `jax.lax.ragged_dot` as XLA lowers it (dense-expands on CPU and, mostly, on GPU); kept as
                 a comparison point.
 
@@ -21,6 +24,7 @@ Rows whose id is ≥ E (padding in the expert-parallel buffers) produce zeros in
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,14 +67,14 @@ def select_impl(impl: str, m: int, e: int, d: int, f: int) -> str:
 def sorted_swiglu(xs, group_sizes, w_gate, w_up, w_down, impl: str) -> jnp.ndarray:
     """xs [M, D] sorted by expert, group_sizes [E] (sum ≤ M; rows past the sum give zeros) → [M, D]."""
     if impl == "tokamax":
-        try:
-            return _swiglu_with(partial(tokamax_ragged_dot, implementation="mosaic"), xs, group_sizes,
-                                w_gate, w_up, w_down)
-        except NotImplementedError:  # shape, dtype or device the kernel does not cover: stay O(active)
-            impl = "blocked"
+        if tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down):
+            return _swiglu_with(_tokamax_mosaic, xs, group_sizes, w_gate, w_up, w_down)
+        impl = "blocked"  # a shape, dtype or device the kernels do not cover: stay O(active)
     if impl == "blocked":
         xs, w_gate, w_up, w_down = _unify_varying(xs, w_gate, w_up, w_down)
-        return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile_rows(xs.shape[0], w_gate.shape[0]))
+        e, d, f = w_gate.shape
+        plan = blocked_plan(xs.shape[0], e, d, f, jnp.dtype(w_gate.dtype).itemsize)
+        return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, *plan)
     if impl == "ragged_dot":
         return _swiglu_with(jax.lax.ragged_dot, xs, group_sizes, w_gate, w_up, w_down)
     raise ValueError(f"grouped_gemm {impl!r} does not run on sorted rows")
@@ -80,6 +84,24 @@ def tokamax_ragged_dot(lhs, rhs, group_sizes, **kw):
     """tokamax.ragged_dot (imported lazily: only accelerator paths and tests need the library)."""
     import tokamax
     return tokamax.ragged_dot(lhs, rhs, group_sizes, **kw)
+
+
+def _tokamax_mosaic(lhs, rhs, group_sizes):
+    return tokamax_ragged_dot(lhs, rhs, group_sizes, implementation="mosaic")
+
+
+def tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down) -> bool:
+    """Whether tokamax's kernels take this problem forward AND backward: they refuse at trace time with
+    NotImplementedError, and the backward's kernels (dX, dW) are only traced when differentiated, so both are
+    traced abstractly here (no compute) before committing to them."""
+    def fwd_bwd(xs, group_sizes, *w):
+        ys, vjp = jax.vjp(lambda xs, *w: _swiglu_with(_tokamax_mosaic, xs, group_sizes, *w), xs, *w)
+        return vjp(ys)
+    try:
+        jax.eval_shape(fwd_bwd, xs, group_sizes, w_gate, w_up, w_down)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _swiglu_with(ragged_dot, xs, group_sizes, w_gate, w_up, w_down):
@@ -100,37 +122,68 @@ def gathered_swiglu(x, ids, w_gate, w_up, w_down) -> jnp.ndarray:
     return jnp.where((ids < e)[:, None], y, 0).astype(x.dtype)
 
 
-# ---- blocked: tile loop with a matching backward ---------------------------------------------------------
-def tile_rows(m: int, e: int) -> int:
-    """Rows per tile: about the mean group size (less padding per active expert), 8..128 (fewer loop steps)."""
-    mean = max(1, m // e)
-    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+# ---- blocked: batched tiles in a loop, with a matching backward -------------------------------------------
+class TileLayout(NamedTuple):
+    """Each expert's sorted rows padded to whole tiles, the experts' tiles back to back (empty experts: none).
+
+    Static sizes are bounds (Σ ceil(n_e / tile) ≤ M / tile + min(E, M)); only `steps` loop steps run."""
+    expert: jnp.ndarray  # [T] int32, the expert of each tile; E for tiles past the last real one
+    slot: jnp.ndarray    # [M] int32, each sorted row's position in the [T * tile] padded rows; T * tile if unused
+    steps: jnp.ndarray   # scalar int32, loop steps (of `chunk` tiles) that hold real tiles
 
 
-def _tile_table(group_sizes, m: int, tile: int):
-    """Tiles cover each group in `tile`-row steps: per tile (expert, first row, group end), and the tile count.
+def blocked_plan(m: int, e: int, d: int, f: int, itemsize: int) -> tuple[int, int]:
+    """(tile rows, tiles per loop step) for M rows over E experts of shape [D, F].
 
-    The table has a static length (an upper bound); only the first `count` entries are run."""
+    Padding costs < tile rows per active expert, so the tile is about half the mean group size (16..128 rows:
+    smaller batched GEMMs run poorly); a loop step batches tiles up to ~512 rows, so the per-step overhead is
+    paid per ~512 rows rather than per expert. Gathered weights per step: ≤ the stack itself and ≤ 16 MiB."""
+    tile = int(min(128, max(16, 1 << max(0, (m // (2 * e)).bit_length() - 1))))
+    chunk = max(1, min(512 // tile, e, (16 << 20) // (3 * d * f * itemsize), m // tile + min(e, m) + 1))
+    return tile, chunk
+
+
+def tile_layout(group_sizes, m: int, tile: int, chunk: int) -> TileLayout:
     e = group_sizes.shape[0]
-    ends = jnp.cumsum(group_sizes)
-    per_group = (group_sizes + tile - 1) // tile
-    cum = jnp.cumsum(per_group)
-    n_max = m // tile + min(e, m) + 1  # Σ ceil(n_e / tile) ≤ M / tile + (non-empty groups)
-    t = jnp.arange(n_max)
-    expert = jnp.minimum(jnp.searchsorted(cum, t, side="right", method="compare_all"), e - 1).astype(jnp.int32)
-    start = ends[expert] - group_sizes[expert] + (t - (cum[expert] - per_group[expert])) * tile
-    return expert, start.astype(jnp.int32), ends[expert].astype(jnp.int32), cum[-1]
+    tiles = (group_sizes + tile - 1) // tile
+    tile_end = jnp.cumsum(tiles)
+    n_tiles = -(-(m // tile + min(e, m) + 1) // chunk) * chunk
+    expert = jnp.searchsorted(tile_end, jnp.arange(n_tiles), side="right", method="compare_all").astype(jnp.int32)
+    row_end = jnp.cumsum(group_sizes)
+    rows = jnp.arange(m)
+    row_expert = jnp.searchsorted(row_end, rows, side="right", method="compare_all")  # E past the last group
+    ex = jnp.minimum(row_expert, e - 1)
+    slot = rows - (row_end[ex] - group_sizes[ex]) + (tile_end[ex] - tiles[ex]) * tile
+    slot = jnp.where(row_expert < e, slot, n_tiles * tile).astype(jnp.int32)
+    return TileLayout(expert, slot, ((tile_end[-1] + chunk - 1) // chunk).astype(jnp.int32))
 
 
-def _tile_rows_valid(start, end, tile):
-    return (start + jnp.arange(tile) < end)[:, None]
+def _to_tiles(rows, lay: TileLayout, tile: int):
+    """[M, D] sorted rows → [T, tile, D], padding rows zero."""
+    t = lay.expert.shape[0]
+    z = _zeros((t * tile, rows.shape[1]), rows.dtype, rows)
+    return z.at[lay.slot].set(rows, mode="drop", unique_indices=True).reshape(t, tile, -1)
 
 
-def _masked_store(buf, start, rows, valid):
-    """Writes `rows` into buf at `start` where valid; rows past the group keep what is there (later tiles
-    of the next group, processed afterwards, own them)."""
-    old = jax.lax.dynamic_slice_in_dim(buf, start, rows.shape[0])
-    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(valid, rows.astype(buf.dtype), old), start, 0)
+def _from_tiles(tiles, lay: TileLayout):
+    """[T, tile, D] → [M, D] sorted rows; rows outside every group are zero."""
+    return tiles.reshape(-1, tiles.shape[-1]).at[lay.slot].get(mode="fill", fill_value=0)
+
+
+def _step_tiles(lay: TileLayout, i, chunk: int, e: int):
+    """Step i's tiles: their experts (E past the last tile) and the same clamped for indexing weights."""
+    ex = jax.lax.dynamic_slice_in_dim(lay.expert, i * chunk, chunk)
+    return ex, jnp.minimum(ex, e - 1)
+
+
+def _expert_sums(ex, parts, carry_ex, carry):
+    """Sums `parts` [C, ...] over runs of equal `ex` [C] (one expert's tiles are consecutive) in fp32 →
+    (run sums [C, ...], each run's expert [C], E for unused runs); the first run continues `carry` when it holds
+    the previous step's last expert `carry_ex`."""
+    run = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), (ex[1:] != ex[:-1]).astype(jnp.int32)]))
+    sums = jnp.zeros_like(parts).at[run].add(parts).at[0].add(jnp.where(ex[0] == carry_ex, carry, 0))
+    run_ex = jnp.full_like(ex, jnp.iinfo(jnp.int32).max).at[run].min(ex)
+    return sums, run_ex, sums[run[-1]]
 
 
 def _varying_axes(a) -> frozenset:
@@ -160,64 +213,67 @@ def _zeros(shape, dtype, like):
     return _unify_varying(z, like)[0]
 
 
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+def _bdot(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile: int):
-    """xs [M, D] sorted by expert, group_sizes [E] → [M, D], one expert's fused SwiGLU per `tile`-row tile."""
-    return _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile: int, chunk: int):
+    """xs [M, D] sorted by expert, group_sizes [E] → [M, D]; each loop step runs `chunk` tiles of `tile` rows,
+    every tile one expert's fused SwiGLU (weights gathered per tile)."""
+    return _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile, chunk)[0]
 
 
-def _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile):
-    m, d = xs.shape
-    expert, start, end, count = _tile_table(group_sizes, m, tile)
-    xp = jnp.pad(xs, ((0, tile), (0, 0)))  # a tile starting near the end must not be clamped back
+def _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile, chunk):
+    m, e = xs.shape[0], w_gate.shape[0]
+    lay = tile_layout(group_sizes, m, tile, chunk)
+    xt = _to_tiles(xs, lay, tile)
 
-    def body(i, y):
-        ex, s = expert[i], start[i]
-        xt = jax.lax.dynamic_slice_in_dim(xp, s, tile)
-        h = jax.nn.silu(_dot(xt, w_gate[ex])) * _dot(xt, w_up[ex])
-        return _masked_store(y, s, _dot(h.astype(xs.dtype), w_down[ex]), _tile_rows_valid(s, end[i], tile))
+    def body(i, yt):
+        _, ex = _step_tiles(lay, i, chunk, e)
+        x = jax.lax.dynamic_slice_in_dim(xt, i * chunk, chunk)
+        h = jax.nn.silu(_bdot("ctd,cdf->ctf", x, w_gate[ex])) * _bdot("ctd,cdf->ctf", x, w_up[ex])
+        y = _bdot("ctf,cfd->ctd", h.astype(xs.dtype), w_down[ex]).astype(xs.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(yt, y, i * chunk, 0)
 
-    y = jax.lax.fori_loop(0, count, body, _zeros((m + tile, d), xs.dtype, xs))
-    return y[:m], (xs, group_sizes, w_gate, w_up, w_down)
+    yt = jax.lax.fori_loop(0, lay.steps, body, _zeros(xt.shape, xt.dtype, xs))
+    return _from_tiles(yt, lay), (xs, group_sizes, w_gate, w_up, w_down)
 
 
-def _blocked_bwd(tile, res, dy):
+def _blocked_bwd(tile, chunk, res, dy):
+    """Recomputes each tile's activations; dX tile by tile, and each weight gradient summed per expert in fp32
+    over that expert's (consecutive) tiles and written once into a zero buffer of the weights' dtype."""
     xs, group_sizes, w_gate, w_up, w_down = res
-    m, d = xs.shape
-    expert, start, end, count = _tile_table(group_sizes, m, tile)
-    xp = jnp.pad(xs, ((0, tile), (0, 0)))
-    dyp = jnp.pad(dy, ((0, tile), (0, 0)))
-
-    def add(w, ex, g):
-        return jax.lax.dynamic_update_index_in_dim(w, w[ex] + g, ex, 0)
+    m, e = xs.shape[0], w_gate.shape[0]
+    lay = tile_layout(group_sizes, m, tile, chunk)
+    xt, dyt = _to_tiles(xs, lay, tile), _to_tiles(dy.astype(xs.dtype), lay, tile)
 
     def body(i, carry):
-        dx, dwg, dwu, dwd = carry
-        ex, s = expert[i], start[i]
-        valid = _tile_rows_valid(s, end[i], tile)
-        # Rows past the group belong to another expert: zero them so they add nothing to this expert's grads.
-        xt = jnp.where(valid, jax.lax.dynamic_slice_in_dim(xp, s, tile), 0)
-        dyt = jnp.where(valid, jax.lax.dynamic_slice_in_dim(dyp, s, tile), 0)
-        g, u = _dot(xt, w_gate[ex]), _dot(xt, w_up[ex])
+        dxt, dws, carry_ex, sums = carry
+        ex_raw, ex = _step_tiles(lay, i, chunk, e)
+        x = jax.lax.dynamic_slice_in_dim(xt, i * chunk, chunk)
+        dyc = jax.lax.dynamic_slice_in_dim(dyt, i * chunk, chunk)
+        wg, wu, wd = w_gate[ex], w_up[ex], w_down[ex]
+        g, u = _bdot("ctd,cdf->ctf", x, wg), _bdot("ctd,cdf->ctf", x, wu)
         sig = jax.nn.sigmoid(g)
         h = (g * sig * u).astype(xs.dtype)
-        dh = _dot(dyt, w_down[ex].T)
-        du = dh * g * sig
-        dg = dh * u * sig * (1 + g * (1 - sig))
-        dxt = _dot(dg.astype(xs.dtype), w_gate[ex].T) + _dot(du.astype(xs.dtype), w_up[ex].T)
-        return (_masked_store(dx, s, dxt, valid),
-                add(dwg, ex, _dot(xt.T, dg.astype(xs.dtype))), add(dwu, ex, _dot(xt.T, du.astype(xs.dtype))),
-                add(dwd, ex, _dot(h.T, dyt)))
+        dh = _bdot("ctd,cfd->ctf", dyc, wd)
+        du = (dh * g * sig).astype(xs.dtype)
+        dg = (dh * u * sig * (1 + g * (1 - sig))).astype(xs.dtype)
+        dx = _bdot("ctf,cdf->ctd", dg, wg) + _bdot("ctf,cdf->ctd", du, wu)
+        parts = (_bdot("ctd,ctf->cdf", x, dg), _bdot("ctd,ctf->cdf", x, du), _bdot("ctf,ctd->cfd", h, dyc))
+        runs = [_expert_sums(ex_raw, p, carry_ex, c) for p, c in zip(parts, sums)]
+        # A run's sum is final unless the expert continues into the next step, which then overwrites it.
+        dws = tuple(w.at[run_ex].set(r.astype(w.dtype), mode="drop") for w, (r, run_ex, _) in zip(dws, runs))
+        return (jax.lax.dynamic_update_slice_in_dim(dxt, dx.astype(xs.dtype), i * chunk, 0), dws, ex_raw[-1],
+                tuple(last for _, _, last in runs))
 
-    zeros = partial(_zeros, like=xs)
-    init = (zeros((m + tile, d), xs.dtype), zeros(w_gate.shape, jnp.float32), zeros(w_up.shape, jnp.float32),
-            zeros(w_down.shape, jnp.float32))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, count, body, init)
-    return (dx[:m], None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
+    weights = (w_gate, w_up, w_down)
+    init = (_zeros(xt.shape, xt.dtype, xs), tuple(_zeros(w.shape, w.dtype, xs) for w in weights), _unify_varying(jnp.int32(e), xs)[0],
+            tuple(_zeros(w.shape[1:], jnp.float32, xs) for w in weights))
+    dxt, (dwg, dwu, dwd), _, _ = jax.lax.fori_loop(0, lay.steps, body, init)
+    return _from_tiles(dxt, lay), None, dwg, dwu, dwd
 
 
-blocked_swiglu.defvjp(lambda xs, gs, wg, wu, wd, tile: _blocked_fwd(xs, gs, wg, wu, wd, tile), _blocked_bwd)
+blocked_swiglu.defvjp(lambda xs, gs, wg, wu, wd, tile, chunk: _blocked_fwd(xs, gs, wg, wu, wd, tile, chunk),
+                      _blocked_bwd)
