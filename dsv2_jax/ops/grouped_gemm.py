@@ -9,12 +9,11 @@ decode all call it; `impl` (config `grouped_gemm`) picks the backend, "auto" pic
   * "tokamax" — tokamax's Pallas Mosaic `ragged_dot` (TPU v5+, NVIDIA Ampere+ / Hopper), forward and backward
                 kernels; auto on TPU and on GPUs of compute capability ≥ 9.0. A shape/dtype the kernel rejects
                 at trace time falls back to "blocked".
-  * "blocked" — the generic O(active) path (CPU, older GPUs): rows sorted by expert, each expert's rows
-                padded to whole tiles, a loop whose every step runs a batch of tiles (each one expert's fused
-                SwiGLU), with a custom VJP of the same shape: forward and backward cost ~(N·K + active_experts
-                · tile) rows, not N·K·E; empty experts cost nothing but O(E) integers, and each expert's weight
-                gradient is summed in fp32 over its tiles and written once into a zero buffer of the weights'
-                dtype (no fp32 [E, D, F] temporaries for bf16 weights).
+  * "blocked" — the generic O(active) path (CPU, older GPUs): rows sorted by expert, a loop over row tiles
+                of `tile` rows (about the mean group size), each tile one expert's fused SwiGLU, with a custom
+                VJP of the same shape: forward and backward cost ~(N·K + active_experts·tile) rows, not N·K·E;
+                empty experts cost nothing but O(E) integers. Each expert's weight gradient is summed in fp32
+                over its tiles and stored in the weights' dtype into a zero buffer (no fp32 [E, D, F] buffers).
   * "ragged_dot" — `jax.lax.ragged_dot` as XLA lowers it (dense-expands on CPU and, mostly, on GPU); kept as
                 a comparison point.
 
@@ -24,7 +23,6 @@ Rows whose id is ≥ E (padding in the expert-parallel buffers) produce zeros in
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +70,7 @@ def sorted_swiglu(xs, group_sizes, w_gate, w_up, w_down, impl: str) -> jnp.ndarr
         impl = "blocked"  # a shape, dtype or device the kernels do not cover: stay O(active)
     if impl == "blocked":
         xs, w_gate, w_up, w_down = _unify_varying(xs, w_gate, w_up, w_down)
-        e, d, f = w_gate.shape
-        plan = blocked_plan(xs.shape[0], e, d, f, jnp.dtype(w_gate.dtype).itemsize)
-        return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, *plan)
+        return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile_rows(xs.shape[0], w_gate.shape[0]))
     if impl == "ragged_dot":
         return _swiglu_with(jax.lax.ragged_dot, xs, group_sizes, w_gate, w_up, w_down)
     raise ValueError(f"grouped_gemm {impl!r} does not run on sorted rows")
@@ -122,68 +118,38 @@ def gathered_swiglu(x, ids, w_gate, w_up, w_down) -> jnp.ndarray:
     return jnp.where((ids < e)[:, None], y, 0).astype(x.dtype)
 
 
-# ---- blocked: batched tiles in a loop, with a matching backward -------------------------------------------
-class TileLayout(NamedTuple):
-    """Each expert's sorted rows padded to whole tiles, the experts' tiles back to back (empty experts: none).
-
-    Static sizes are bounds (Σ ceil(n_e / tile) ≤ M / tile + min(E, M)); only `steps` loop steps run."""
-    expert: jnp.ndarray  # [T] int32, the expert of each tile; E for tiles past the last real one
-    slot: jnp.ndarray    # [M] int32, each sorted row's position in the [T * tile] padded rows; T * tile if unused
-    steps: jnp.ndarray   # scalar int32, loop steps (of `chunk` tiles) that hold real tiles
+# ---- blocked: tile loop with a matching backward ---------------------------------------------------------
+def tile_rows(m: int, e: int) -> int:
+    """Rows per tile: about the mean group size (less padding per active expert), 8..128 (fewer loop steps).
+    Empty experts get no tile: the loop runs Σ ceil(n_e / tile) steps, only O(E) integers cost per expert."""
+    mean = max(1, m // e)
+    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
-def blocked_plan(m: int, e: int, d: int, f: int, itemsize: int) -> tuple[int, int]:
-    """(tile rows, tiles per loop step) for M rows over E experts of shape [D, F].
+def _tile_table(group_sizes, m: int, tile: int):
+    """Tiles cover each group in `tile`-row steps: per tile (expert, first row, group end), and the tile count.
 
-    Padding costs < tile rows per active expert, so the tile is about half the mean group size (16..128 rows:
-    smaller batched GEMMs run poorly); a loop step batches tiles up to ~512 rows, so the per-step overhead is
-    paid per ~512 rows rather than per expert. Gathered weights per step: ≤ the stack itself and ≤ 16 MiB."""
-    tile = int(min(128, max(16, 1 << max(0, (m // (2 * e)).bit_length() - 1))))
-    chunk = max(1, min(512 // tile, e, (16 << 20) // (3 * d * f * itemsize), m // tile + min(e, m) + 1))
-    return tile, chunk
-
-
-def tile_layout(group_sizes, m: int, tile: int, chunk: int) -> TileLayout:
+    The table has a static length (an upper bound); only the first `count` entries are run."""
     e = group_sizes.shape[0]
-    tiles = (group_sizes + tile - 1) // tile
-    tile_end = jnp.cumsum(tiles)
-    n_tiles = -(-(m // tile + min(e, m) + 1) // chunk) * chunk
-    expert = jnp.searchsorted(tile_end, jnp.arange(n_tiles), side="right", method="compare_all").astype(jnp.int32)
-    row_end = jnp.cumsum(group_sizes)
-    rows = jnp.arange(m)
-    row_expert = jnp.searchsorted(row_end, rows, side="right", method="compare_all")  # E past the last group
-    ex = jnp.minimum(row_expert, e - 1)
-    slot = rows - (row_end[ex] - group_sizes[ex]) + (tile_end[ex] - tiles[ex]) * tile
-    slot = jnp.where(row_expert < e, slot, n_tiles * tile).astype(jnp.int32)
-    return TileLayout(expert, slot, ((tile_end[-1] + chunk - 1) // chunk).astype(jnp.int32))
+    ends = jnp.cumsum(group_sizes)
+    per_group = (group_sizes + tile - 1) // tile
+    cum = jnp.cumsum(per_group)
+    n_max = m // tile + min(e, m) + 1  # Σ ceil(n_e / tile) ≤ M / tile + (non-empty groups)
+    t = jnp.arange(n_max)
+    expert = jnp.minimum(jnp.searchsorted(cum, t, side="right", method="compare_all"), e - 1).astype(jnp.int32)
+    start = ends[expert] - group_sizes[expert] + (t - (cum[expert] - per_group[expert])) * tile
+    return expert, start.astype(jnp.int32), ends[expert].astype(jnp.int32), cum[-1]
 
 
-def _to_tiles(rows, lay: TileLayout, tile: int):
-    """[M, D] sorted rows → [T, tile, D], padding rows zero."""
-    t = lay.expert.shape[0]
-    z = _zeros((t * tile, rows.shape[1]), rows.dtype, rows)
-    return z.at[lay.slot].set(rows, mode="drop", unique_indices=True).reshape(t, tile, -1)
+def _tile_rows_valid(start, end, tile):
+    return (start + jnp.arange(tile) < end)[:, None]
 
 
-def _from_tiles(tiles, lay: TileLayout):
-    """[T, tile, D] → [M, D] sorted rows; rows outside every group are zero."""
-    return tiles.reshape(-1, tiles.shape[-1]).at[lay.slot].get(mode="fill", fill_value=0)
-
-
-def _step_tiles(lay: TileLayout, i, chunk: int, e: int):
-    """Step i's tiles: their experts (E past the last tile) and the same clamped for indexing weights."""
-    ex = jax.lax.dynamic_slice_in_dim(lay.expert, i * chunk, chunk)
-    return ex, jnp.minimum(ex, e - 1)
-
-
-def _expert_sums(ex, parts, carry_ex, carry):
-    """Sums `parts` [C, ...] over runs of equal `ex` [C] (one expert's tiles are consecutive) in fp32 →
-    (run sums [C, ...], each run's expert [C], E for unused runs); the first run continues `carry` when it holds
-    the previous step's last expert `carry_ex`."""
-    run = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), (ex[1:] != ex[:-1]).astype(jnp.int32)]))
-    sums = jnp.zeros_like(parts).at[run].add(parts).at[0].add(jnp.where(ex[0] == carry_ex, carry, 0))
-    run_ex = jnp.full_like(ex, jnp.iinfo(jnp.int32).max).at[run].min(ex)
-    return sums, run_ex, sums[run[-1]]
+def _masked_store(buf, start, rows, valid):
+    """Writes `rows` into buf at `start` where valid; rows past the group keep what is there (later tiles
+    of the next group, processed afterwards, own them)."""
+    old = jax.lax.dynamic_slice_in_dim(buf, start, rows.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(valid, rows.astype(buf.dtype), old), start, 0)
 
 
 def _varying_axes(a) -> frozenset:
@@ -213,67 +179,66 @@ def _zeros(shape, dtype, like):
     return _unify_varying(z, like)[0]
 
 
-def _bdot(spec, a, b):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile: int, chunk: int):
-    """xs [M, D] sorted by expert, group_sizes [E] → [M, D]; each loop step runs `chunk` tiles of `tile` rows,
-    every tile one expert's fused SwiGLU (weights gathered per tile)."""
-    return _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile, chunk)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile: int):
+    """xs [M, D] sorted by expert, group_sizes [E] → [M, D], one expert's fused SwiGLU per `tile`-row tile."""
+    return _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile)[0]
 
 
-def _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile, chunk):
-    m, e = xs.shape[0], w_gate.shape[0]
-    lay = tile_layout(group_sizes, m, tile, chunk)
-    xt = _to_tiles(xs, lay, tile)
+def _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile):
+    m, d = xs.shape
+    expert, start, end, count = _tile_table(group_sizes, m, tile)
+    xp = jnp.pad(xs, ((0, tile), (0, 0)))  # a tile starting near the end must not be clamped back
 
-    def body(i, yt):
-        _, ex = _step_tiles(lay, i, chunk, e)
-        x = jax.lax.dynamic_slice_in_dim(xt, i * chunk, chunk)
-        h = jax.nn.silu(_bdot("ctd,cdf->ctf", x, w_gate[ex])) * _bdot("ctd,cdf->ctf", x, w_up[ex])
-        y = _bdot("ctf,cfd->ctd", h.astype(xs.dtype), w_down[ex]).astype(xs.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(yt, y, i * chunk, 0)
+    def body(i, y):
+        ex, s = expert[i], start[i]
+        xt = jax.lax.dynamic_slice_in_dim(xp, s, tile)
+        h = jax.nn.silu(_dot(xt, w_gate[ex])) * _dot(xt, w_up[ex])
+        return _masked_store(y, s, _dot(h.astype(xs.dtype), w_down[ex]), _tile_rows_valid(s, end[i], tile))
 
-    yt = jax.lax.fori_loop(0, lay.steps, body, _zeros(xt.shape, xt.dtype, xs))
-    return _from_tiles(yt, lay), (xs, group_sizes, w_gate, w_up, w_down)
+    y = jax.lax.fori_loop(0, count, body, _zeros((m + tile, d), xs.dtype, xs))
+    return y[:m], (xs, group_sizes, w_gate, w_up, w_down)
 
 
-def _blocked_bwd(tile, chunk, res, dy):
-    """Recomputes each tile's activations; dX tile by tile, and each weight gradient summed per expert in fp32
-    over that expert's (consecutive) tiles and written once into a zero buffer of the weights' dtype."""
+def _blocked_bwd(tile, res, dy):
+    """dX tile by tile; each expert's weight gradients summed in fp32 over its (consecutive) tiles in a [D, F]
+    accumulator and stored, in the weights' dtype, into a zero buffer at that expert's row after each of its
+    tiles: the last store holds the whole sum. No fp32 [E, D, F] buffer; empty experts keep their zeros."""
     xs, group_sizes, w_gate, w_up, w_down = res
-    m, e = xs.shape[0], w_gate.shape[0]
-    lay = tile_layout(group_sizes, m, tile, chunk)
-    xt, dyt = _to_tiles(xs, lay, tile), _to_tiles(dy.astype(xs.dtype), lay, tile)
+    m, d = xs.shape
+    expert, start, end, count = _tile_table(group_sizes, m, tile)
+    xp = jnp.pad(xs, ((0, tile), (0, 0)))
+    dyp = jnp.pad(dy.astype(xs.dtype), ((0, tile), (0, 0)))
 
     def body(i, carry):
-        dxt, dws, carry_ex, sums = carry
-        ex_raw, ex = _step_tiles(lay, i, chunk, e)
-        x = jax.lax.dynamic_slice_in_dim(xt, i * chunk, chunk)
-        dyc = jax.lax.dynamic_slice_in_dim(dyt, i * chunk, chunk)
-        wg, wu, wd = w_gate[ex], w_up[ex], w_down[ex]
-        g, u = _bdot("ctd,cdf->ctf", x, wg), _bdot("ctd,cdf->ctf", x, wu)
+        dx, dws, accs = carry
+        ex, s = expert[i], start[i]
+        valid = _tile_rows_valid(s, end[i], tile)
+        # Rows past the group belong to another expert: zero them so they add nothing to this expert's grads.
+        xt = jnp.where(valid, jax.lax.dynamic_slice_in_dim(xp, s, tile), 0)
+        dyt = jnp.where(valid, jax.lax.dynamic_slice_in_dim(dyp, s, tile), 0)
+        g, u = _dot(xt, w_gate[ex]), _dot(xt, w_up[ex])
         sig = jax.nn.sigmoid(g)
         h = (g * sig * u).astype(xs.dtype)
-        dh = _bdot("ctd,cfd->ctf", dyc, wd)
+        dh = _dot(dyt, w_down[ex].T)
         du = (dh * g * sig).astype(xs.dtype)
         dg = (dh * u * sig * (1 + g * (1 - sig))).astype(xs.dtype)
-        dx = _bdot("ctf,cdf->ctd", dg, wg) + _bdot("ctf,cdf->ctd", du, wu)
-        parts = (_bdot("ctd,ctf->cdf", x, dg), _bdot("ctd,ctf->cdf", x, du), _bdot("ctf,ctd->cfd", h, dyc))
-        runs = [_expert_sums(ex_raw, p, carry_ex, c) for p, c in zip(parts, sums)]
-        # A run's sum is final unless the expert continues into the next step, which then overwrites it.
-        dws = tuple(w.at[run_ex].set(r.astype(w.dtype), mode="drop") for w, (r, run_ex, _) in zip(dws, runs))
-        return (jax.lax.dynamic_update_slice_in_dim(dxt, dx.astype(xs.dtype), i * chunk, 0), dws, ex_raw[-1],
-                tuple(last for _, _, last in runs))
+        dxt = _dot(dg, w_gate[ex].T) + _dot(du, w_up[ex].T)
+        first = jnp.logical_or(i == 0, expert[jnp.maximum(i - 1, 0)] != ex)  # the expert's first tile
+        accs = tuple(jnp.where(first, 0, a) + part for a, part in zip(accs, (_dot(xt.T, dg), _dot(xt.T, du),
+                                                                             _dot(h.T, dyt))))
+        dws = tuple(jax.lax.dynamic_update_index_in_dim(w, a.astype(w.dtype), ex, 0) for w, a in zip(dws, accs))
+        return _masked_store(dx, s, dxt, valid), dws, accs
 
     weights = (w_gate, w_up, w_down)
-    init = (_zeros(xt.shape, xt.dtype, xs), tuple(_zeros(w.shape, w.dtype, xs) for w in weights), _unify_varying(jnp.int32(e), xs)[0],
+    init = (_zeros((m + tile, d), xs.dtype, xs), tuple(_zeros(w.shape, w.dtype, xs) for w in weights),
             tuple(_zeros(w.shape[1:], jnp.float32, xs) for w in weights))
-    dxt, (dwg, dwu, dwd), _, _ = jax.lax.fori_loop(0, lay.steps, body, init)
-    return _from_tiles(dxt, lay), None, dwg, dwu, dwd
+    dx, (dwg, dwu, dwd), _ = jax.lax.fori_loop(0, count, body, init)
+    return dx[:m], None, dwg, dwu, dwd
 
 
-blocked_swiglu.defvjp(lambda xs, gs, wg, wu, wd, tile, chunk: _blocked_fwd(xs, gs, wg, wu, wd, tile, chunk),
-                      _blocked_bwd)
+blocked_swiglu.defvjp(lambda xs, gs, wg, wu, wd, tile: _blocked_fwd(xs, gs, wg, wu, wd, tile), _blocked_bwd)
