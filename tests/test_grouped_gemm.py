@@ -110,7 +110,7 @@ def test_blocked_forward_and_backward_never_expand_to_every_expert():
 def test_blocked_with_experts_spanning_many_tiles(monkeypatch):
     """8-row tiles: the hot expert (~60 rows) spans 8 tiles, so its weight gradient accumulates across loop
     steps; empty experts in between."""
-    monkeypatch.setattr(gg, "tile_rows", lambda m, e: 8)
+    monkeypatch.setattr(gg, "tile_rows", lambda m, e, d, f: 8)
     x, r, w = make_problem("ragged", jnp.float32)
     check_against_reference(jax.jit(partial(moe.experts_ragged, gemm="blocked")), x, r, w, FP32)
 
@@ -134,9 +134,11 @@ def test_blocked_backward_writes_bf16_weight_grads_without_fp32_stacks():
 
 
 def test_blocked_tile_follows_the_data():
-    """The tile follows the mean group size (padding < one tile per active expert), within 8..128 rows."""
-    assert [gg.tile_rows(2048, e) for e in (4, 16, 64, 160)] == [128, 128, 32, 16]
-    assert gg.tile_rows(12288, 160) == 128 and gg.tile_rows(64, 64) == 8
+    """The tile follows the mean group size (padding < one tile per active expert) against the loop's
+    per-step cost, within 8..128 rows: wide experts (more work per row) get smaller tiles."""
+    assert [gg.tile_rows(2048, e, 64, 32) for e in (4, 16, 64, 160)] == [128, 128, 32, 16]
+    assert [gg.tile_rows(12288, e, 128, 88) for e in (4, 16, 64, 160)] == [128, 128, 64, 32]
+    assert gg.tile_rows(64, 64, 16, 8) == 8
 
 
 def test_gather_reads_only_the_selected_experts():
