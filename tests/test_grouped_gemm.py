@@ -107,6 +107,32 @@ def test_blocked_forward_and_backward_never_expand_to_every_expert():
     assert largest_buffer("blocked") <= 64 * 16 * 8
 
 
+def test_blocked_backward_writes_bf16_weight_grads_without_fp32_stacks():
+    """bf16 weights: the compiled backward's fp32 arrays are per-tile temporaries (one expert's [D, F] weight
+    grad accumulators at most), none the size of a weight stack; empty experts get exact zero gradients."""
+    e, d, f, m = 64, 32, 24, 64
+    ids = jnp.asarray(np.arange(m) % 4 * 3, jnp.int32)  # experts 0, 3, 6, 9 only
+    x = jnp.ones((m, d), jnp.bfloat16)
+    w = [jnp.full(s, 0.01, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    step = jax.jit(jax.grad(lambda x, *w: jnp.sum(gg.grouped_expert_mlp(x, ids, *w, impl="blocked")
+                                                   .astype(jnp.float32)), argnums=(1, 2, 3)))
+    hlo = step.lower(x, *w).compile().as_text()
+    f32 = [int(np.prod([int(s) for s in dims.split(",") if s])) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]
+    assert max(f32) <= d * f
+    for g in step(x, *w):
+        assert g.dtype == jnp.bfloat16
+        empty = np.setdiff1d(np.arange(e), [0, 3, 6, 9])
+        assert np.all(np.asarray(g[empty], np.float32) == 0) and np.all(np.asarray(g[:1], np.float32) != 0)
+
+
+def test_blocked_tile_follows_the_data():
+    """The tile follows the mean group size (padding < one tile per active expert) against the loop's
+    per-step cost, within 8..128 rows: wide experts (more work per row) get smaller tiles."""
+    assert [gg.tile_rows(2048, e, 64, 32) for e in (4, 16, 64, 160)] == [128, 128, 32, 16]
+    assert [gg.tile_rows(12288, e, 128, 88) for e in (4, 16, 64, 160)] == [128, 128, 64, 32]
+    assert gg.tile_rows(64, 64, 16, 8) == 8
+
+
 def test_gather_reads_only_the_selected_experts():
     """B=1 decode, top-4 of 64 experts: no array the compiled step produces is larger than the 4 selected
     experts' weights (the stacks are only indexed, inside the gather fusions)."""
@@ -172,6 +198,28 @@ def test_tokamax_kernel_in_interpret_mode_equals_reference(monkeypatch):
     monkeypatch.setattr(gg, "tokamax_ragged_dot", interpret_ragged_dot)
     x, r, w = make_problem("ragged", jnp.float32, n=40, k=2, d=128, f=128)
     check_against_reference(partial(moe.experts_ragged, gemm="tokamax"), x, r, w, dict(atol=1e-4, rtol=1e-4))
+
+
+def test_tokamax_refusing_the_backward_falls_back_to_blocked(monkeypatch):
+    """tokamax refuses some shapes/dtypes only in its backward kernels (traced when differentiated): the seam
+    then runs "blocked" for the whole problem instead of raising, and still equals the reference. With 8-row
+    tiles (one compile for two checks): the hot expert (~60 rows) spans 8 tiles, so its weight gradient
+    accumulates across loop steps, with empty experts in between."""
+    @jax.custom_vjp
+    def forward_only(lhs, rhs, group_sizes):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+    def refuse(*_):
+        raise NotImplementedError("no backward kernel for this shape")
+    forward_only.defvjp(lambda lhs, rhs, gs: (forward_only(lhs, rhs, gs), None), refuse)
+    monkeypatch.setattr(gg, "tokamax_ragged_dot", lambda lhs, rhs, gs, **_: forward_only(lhs, rhs, gs))
+    ran = []
+    real = gg.blocked_swiglu
+    monkeypatch.setattr(gg, "blocked_swiglu", lambda *a: ran.append(a[-1]) or real(*a))
+    monkeypatch.setattr(gg, "tile_rows", lambda m, e, d, f: 8)
+    x, r, w = make_problem("ragged", jnp.float32)
+    check_against_reference(jax.jit(partial(moe.experts_ragged, gemm="tokamax")), x, r, w, FP32)
+    assert ran and set(ran) == {8}
 
 
 def export_tokamax(platform: str):

@@ -1,12 +1,22 @@
 """MoE cost against the number of stored experts: every grouped-GEMM backend here vs transformers + torch.
 
-    python tools/bench_moe.py [--experts 4,16,64,160] [--tokens 512] [--topk 4] [--hidden 64] [--width 32]
-                              [--whole-model] [--quick] [--out bench_moe.jsonl]
+    python tools/bench_moe.py [--experts 4,16,64,160] [--shapes lite/8,tiny] [--whole-model] [--quick]
+                              [--out bench_moe.jsonl]
 
-(1) One DeepSeekMoE layer (router + routed experts + 1 shared expert) at fixed tokens, top-k and expert width:
-    forward+backward ms for `tokens` tokens, and decode ms per step at B=1 and B=32, for each E and each
-    backend (`grouped_gemm` auto/blocked/gather/ragged_dot/tokamax where it runs, and the dense reference),
-    next to transformers' DeepseekV2Moe holding the same weights (torch, same run, outputs checked equal).
+(1) One DeepSeekMoE layer (router + routed experts + shared experts) at fixed tokens, top-k and expert width:
+    forward+backward ms for each E, each backend and transformers' DeepseekV2Moe holding the same weights
+    (torch, same run), at two shapes (SHAPES):
+      * lite/16 — DeepSeek-V2-Lite's MoE layer scaled down 16× in width (hidden 2048 → 128, expert width
+        1408 → 88; 2 shared experts). The routed experts' FLOPs per weight byte are 2·N·K / (E·bytes),
+        whatever D and F, so what must match the real model is N·K / E, the rows per expert: 3072 tokens ×
+        top-4 (top-6 cannot run at E=4) = 12,288 expert rows, as V2-Lite's 2,048-token per-device micro-batch ×
+        top-6: 192 rows per expert at E=64 (V2-Lite) and 77 at E=160 (V2 at the same batch), so the weight /
+        weight-grad traffic that grows with E weighs on the step as in the real models. transformers runs
+        here only up to E=16 (its per-expert Python loop takes tens of seconds a step beyond).
+      * tiny — hidden 64, expert width 32, top-4, 1 shared, 512 tokens (the old default): 5 rows per expert at
+        E=160, where the O(E·D·F) weight-grad writes and per-step overheads are a large part of a ~5 ms step.
+    The tiny shape also runs the dense paths (XLA ragged_dot, the reference) and decode steps at B=1 / B=32
+    with outputs checked equal to transformers'.
 (2) --whole-model: the tiny preset's train step (tools/bench_train.py; fp32, 4 × 128 tokens) for each E and
     vs transformers + torch AdamW at E=16; decode vs transformers' eager generate (tools/bench_decode.py:
     B=8, 200-token prompts, 64 new tokens) at E=16, and our B=1 decode ms/token for each E.
@@ -45,10 +55,18 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def layer_config(e: int, args) -> ModelConfig:
+# name: tokens, top-k, hidden, expert width, shared experts, dense paths + decode (too slow at the big shape).
+SHAPES = {
+    "lite/16": dict(tokens=3072, topk=4, hidden=128, width=88, shared=2, full=False),
+    "tiny": dict(tokens=512, topk=4, hidden=64, width=32, shared=1, full=True),
+}
+
+
+def layer_config(e: int, shape: dict) -> ModelConfig:
     return ModelConfig.preset("tiny").replace(
-        n_routed_experts=e, num_experts_per_tok=args.topk, topk_method="greedy", n_group=1, topk_group=1,
-        hidden_size=args.hidden, moe_intermediate_size=args.width, norm_topk_prob=False)
+        n_routed_experts=e, num_experts_per_tok=shape["topk"], topk_method="greedy", n_group=1, topk_group=1,
+        hidden_size=shape["hidden"], moe_intermediate_size=shape["width"], n_shared_experts=shape["shared"],
+        norm_topk_prob=False)
 
 
 def layer_pair(cfg: ModelConfig, seed: int = 0):
@@ -74,10 +92,11 @@ def layer_pair(cfg: ModelConfig, seed: int = 0):
     return tm, nnx.state(ours)
 
 
-def our_impls(train: bool) -> list[tuple[str, dict]]:
-    """(label, config fields) of every path that runs on this backend."""
+def our_impls(train: bool, dense: bool = True) -> list[tuple[str, dict]]:
+    """(label, config fields) of every path that runs on this backend (`dense`: with XLA's ragged_dot)."""
     impls = [("auto", {}), ("blocked", {"grouped_gemm": "blocked"})]
-    impls.append(("ragged_dot (XLA)", {"grouped_gemm": "ragged_dot"}))
+    if dense:
+        impls.append(("ragged_dot (XLA)", {"grouped_gemm": "ragged_dot"}))
     if not train:
         impls.insert(1, ("gather", {"grouped_gemm": "gather"}))
     if jax.default_backend() in ("gpu", "tpu"):
@@ -85,20 +104,23 @@ def our_impls(train: bool) -> list[tuple[str, dict]]:
     return impls
 
 
-def bench_layer(e: int, args) -> list[dict]:
+def bench_layer(e: int, name: str, args) -> list[dict]:
     import torch
 
-    cfg = layer_config(e, args)
+    shape = SHAPES[name]
+    cfg = layer_config(e, shape)
     tm, state = layer_pair(cfg)
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(1, args.tokens, cfg.hidden_size)).astype(np.float32)
+    x = rng.normal(size=(1, shape["tokens"], cfg.hidden_size)).astype(np.float32)
     rows = []
 
     def row(kind, impl, ms):
-        rows.append({"bench": "moe_layer", "kind": kind, "impl": impl, "experts": e, "ms": ms})
-        print(f"E={e:<4} {kind:<12} {impl:<18} {ms:10.3f} ms", flush=True)
+        rows.append({"bench": "moe_layer", "shape": name, "kind": kind, "impl": impl, "experts": e, "ms": ms})
+        print(f"{name:<7} E={e:<4} {kind:<12} {impl:<18} {ms:10.3f} ms", flush=True)
 
-    impls = our_impls(train=True) + ([] if args.quick else [("reference (dense)", {"moe_impl": "reference"})])
+    dense = shape["full"] and not args.quick
+    impls = our_impls(train=True, dense=shape["full"]) + ([("reference (dense)", {"moe_impl": "reference"})]
+                                                            if dense else [])
     for label, fields in impls:
         graphdef = nnx.graphdef(moe.MoE(cfg.replace(**fields), jnp.float32))
 
@@ -114,7 +136,10 @@ def bench_layer(e: int, args) -> list[dict]:
         for p in (*tm.parameters(), xt):
             p.grad = None
         (tm(xt) ** 2).sum().backward()
-    row("train", "transformers", median_ms(torch_train, args.reps))
+    if shape["full"] or e <= 16:
+        row("train", "transformers", median_ms(torch_train, args.reps))
+    if not shape["full"]:
+        return rows
 
     for b in (1, 32):
         xb = rng.normal(size=(b, 1, cfg.hidden_size)).astype(np.float32)
@@ -219,10 +244,7 @@ def torch_train_step_ms(e: int, args) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", default="4,16,64,160")
-    ap.add_argument("--tokens", type=int, default=512, help="tokens per layer forward+backward")
-    ap.add_argument("--topk", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--width", type=int, default=32, help="expert (moe_intermediate) width")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"MoE-layer shapes, of {sorted(SHAPES)}")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--new", type=int, default=64, help="decode steps per whole-model decode measurement")
     ap.add_argument("--whole-model", action="store_true")
@@ -232,14 +254,26 @@ def main(argv=None) -> int:
     experts = [int(e) for e in args.experts.split(",")]
     if args.quick:
         experts, args.reps, args.new = [4, 64], 3, 16
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tokens {args.tokens}, top-{args.topk}, "
-          f"hidden {args.hidden}, expert width {args.width}; uptime: {subprocess.getoutput('uptime').strip()}")
-    rows = [r for e in experts for r in bench_layer(e, args)]
-    tables = [markdown([r for r in rows if r["kind"] == "train"], lambda r: r["ms"],
-                       f"MoE layer fwd+bwd ms ({args.tokens} tokens)"),
-              markdown([r for r in rows if r["kind"].startswith("decode")], lambda r: r["ms"],
-                       "MoE layer decode ms/step"),
-              markdown(speedups(rows), lambda r: r["x"], "speedup of ours (auto) over transformers", ratios=False)]
+    shapes = args.shapes.split(",")
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); shapes "
+          + "; ".join(f"{n}: {SHAPES[n]}" for n in shapes) + f"; uptime: {subprocess.getoutput('uptime').strip()}")
+    rows, tables = [], []
+    for name in shapes:
+        got = [r for e in experts for r in bench_layer(e, name, args)]
+        s = SHAPES[name]
+        tables += [markdown([r for r in got if r["kind"] == "train"], lambda r: r["ms"],
+                            f"{name} MoE layer fwd+bwd ms ({s['tokens']} tokens, top-{s['topk']}, hidden {s['hidden']},"
+                            f" expert width {s['width']}, {s['shared']} shared)"),
+                   markdown(speedups(got), lambda r: r["x"], f"{name}: speedup of ours (auto) over transformers",
+                            ratios=False)]
+        if any(r["kind"].startswith("decode") for r in got):
+            tables.append(markdown([r for r in got if r["kind"].startswith("decode")], lambda r: r["ms"],
+                                   f"{name} MoE layer decode ms/step"))
+        rows += got
+        print(f"uptime: {subprocess.getoutput('uptime').strip()}", flush=True)
     if args.whole_model:
         model_rows = bench_whole_model(experts, args)
         tables.append(markdown(model_rows, lambda r: r["ms"], "tiny model, ms (train step / per token)"))

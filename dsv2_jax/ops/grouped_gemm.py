@@ -10,8 +10,10 @@ decode all call it; `impl` (config `grouped_gemm`) picks the backend, "auto" pic
                 kernels; auto on TPU and on GPUs of compute capability ≥ 9.0. A shape/dtype the kernel rejects
                 at trace time falls back to "blocked".
   * "blocked" — the generic O(active) path (CPU, older GPUs): rows sorted by expert, a loop over row tiles
-                of `tile` rows, each tile one expert's fused SwiGLU, with a custom VJP of the same shape, so
-                forward and backward cost ~(N·K + active_experts·tile) rows, not N·K·E.
+                of `tile` rows (sized to the mean group size), each tile one expert's fused SwiGLU, with a custom
+                VJP of the same shape: forward and backward cost ~(N·K + active_experts·tile) rows, not N·K·E;
+                empty experts cost nothing but O(E) integers. Each expert's weight gradient is summed in fp32
+                over its tiles and stored in the weights' dtype into a zero buffer (no fp32 [E, D, F] buffers).
   * "ragged_dot" — `jax.lax.ragged_dot` as XLA lowers it (dense-expands on CPU and, mostly, on GPU); kept as
                 a comparison point.
 
@@ -63,14 +65,12 @@ def select_impl(impl: str, m: int, e: int, d: int, f: int) -> str:
 def sorted_swiglu(xs, group_sizes, w_gate, w_up, w_down, impl: str) -> jnp.ndarray:
     """xs [M, D] sorted by expert, group_sizes [E] (sum ≤ M; rows past the sum give zeros) → [M, D]."""
     if impl == "tokamax":
-        try:
-            return _swiglu_with(partial(tokamax_ragged_dot, implementation="mosaic"), xs, group_sizes,
-                                w_gate, w_up, w_down)
-        except NotImplementedError:  # shape, dtype or device the kernel does not cover: stay O(active)
-            impl = "blocked"
+        if tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down):
+            return _swiglu_with(_tokamax_mosaic, xs, group_sizes, w_gate, w_up, w_down)
+        impl = "blocked"  # a shape, dtype or device the kernels do not cover: stay O(active)
     if impl == "blocked":
         xs, w_gate, w_up, w_down = _unify_varying(xs, w_gate, w_up, w_down)
-        return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile_rows(xs.shape[0], w_gate.shape[0]))
+        return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile_rows(xs.shape[0], *w_gate.shape))
     if impl == "ragged_dot":
         return _swiglu_with(jax.lax.ragged_dot, xs, group_sizes, w_gate, w_up, w_down)
     raise ValueError(f"grouped_gemm {impl!r} does not run on sorted rows")
@@ -80,6 +80,24 @@ def tokamax_ragged_dot(lhs, rhs, group_sizes, **kw):
     """tokamax.ragged_dot (imported lazily: only accelerator paths and tests need the library)."""
     import tokamax
     return tokamax.ragged_dot(lhs, rhs, group_sizes, **kw)
+
+
+def _tokamax_mosaic(lhs, rhs, group_sizes):
+    return tokamax_ragged_dot(lhs, rhs, group_sizes, implementation="mosaic")
+
+
+def tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down) -> bool:
+    """Whether tokamax's kernels take this problem forward AND backward: they refuse at trace time with
+    NotImplementedError, and the backward's kernels (dX, dW) are only traced when differentiated, so both are
+    traced abstractly here (no compute) before committing to them."""
+    def fwd_bwd(xs, group_sizes, *w):
+        ys, vjp = jax.vjp(lambda xs, *w: _swiglu_with(_tokamax_mosaic, xs, group_sizes, *w), xs, *w)
+        return vjp(ys)
+    try:
+        jax.eval_shape(fwd_bwd, xs, group_sizes, w_gate, w_up, w_down)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _swiglu_with(ragged_dot, xs, group_sizes, w_gate, w_up, w_down):
@@ -101,10 +119,14 @@ def gathered_swiglu(x, ids, w_gate, w_up, w_down) -> jnp.ndarray:
 
 
 # ---- blocked: tile loop with a matching backward ---------------------------------------------------------
-def tile_rows(m: int, e: int) -> int:
-    """Rows per tile: about the mean group size (less padding per active expert), 8..128 (fewer loop steps)."""
-    mean = max(1, m // e)
-    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+def tile_rows(m: int, e: int, d: int, f: int) -> int:
+    """Rows per tile (8..128), for M rows over E experts of shape [D, F]: the power of two that minimises, for
+    a group of the mean size M / E, tiles × (rows per tile + a loop step's fixed cost in rows). Small tiles
+    waste less padding (< one tile per active expert); each step costs about 2^16 multiply-adds of overhead
+    plus a re-read of the expert's weights, worth 2^16 / (D·F) + 8 rows (fitted on CPU at D·F = 2k and 11k)."""
+    mean = max(1.0, m / e)
+    step = 8 + (1 << 16) / (d * f)
+    return min((-(-mean // t) * (t + step), t) for t in (8, 16, 32, 64, 128))[1]
 
 
 def _tile_table(group_sizes, m: int, tile: int):
@@ -186,17 +208,17 @@ def _blocked_fwd(xs, group_sizes, w_gate, w_up, w_down, tile):
 
 
 def _blocked_bwd(tile, res, dy):
+    """dX tile by tile; each expert's weight gradients summed in fp32 over its (consecutive) tiles in a [D, F]
+    accumulator and stored, in the weights' dtype, into a zero buffer at that expert's row after each of its
+    tiles: the last store holds the whole sum. No fp32 [E, D, F] buffer; empty experts keep their zeros."""
     xs, group_sizes, w_gate, w_up, w_down = res
     m, d = xs.shape
     expert, start, end, count = _tile_table(group_sizes, m, tile)
     xp = jnp.pad(xs, ((0, tile), (0, 0)))
-    dyp = jnp.pad(dy, ((0, tile), (0, 0)))
-
-    def add(w, ex, g):
-        return jax.lax.dynamic_update_index_in_dim(w, w[ex] + g, ex, 0)
+    dyp = jnp.pad(dy.astype(xs.dtype), ((0, tile), (0, 0)))
 
     def body(i, carry):
-        dx, dwg, dwu, dwd = carry
+        dx, dws, accs = carry
         ex, s = expert[i], start[i]
         valid = _tile_rows_valid(s, end[i], tile)
         # Rows past the group belong to another expert: zero them so they add nothing to this expert's grads.
@@ -206,18 +228,20 @@ def _blocked_bwd(tile, res, dy):
         sig = jax.nn.sigmoid(g)
         h = (g * sig * u).astype(xs.dtype)
         dh = _dot(dyt, w_down[ex].T)
-        du = dh * g * sig
-        dg = dh * u * sig * (1 + g * (1 - sig))
-        dxt = _dot(dg.astype(xs.dtype), w_gate[ex].T) + _dot(du.astype(xs.dtype), w_up[ex].T)
-        return (_masked_store(dx, s, dxt, valid),
-                add(dwg, ex, _dot(xt.T, dg.astype(xs.dtype))), add(dwu, ex, _dot(xt.T, du.astype(xs.dtype))),
-                add(dwd, ex, _dot(h.T, dyt)))
+        du = (dh * g * sig).astype(xs.dtype)
+        dg = (dh * u * sig * (1 + g * (1 - sig))).astype(xs.dtype)
+        dxt = _dot(dg, w_gate[ex].T) + _dot(du, w_up[ex].T)
+        first = jnp.logical_or(i == 0, expert[jnp.maximum(i - 1, 0)] != ex)  # the expert's first tile
+        accs = tuple(jnp.where(first, 0, a) + part for a, part in zip(accs, (_dot(xt.T, dg), _dot(xt.T, du),
+                                                                             _dot(h.T, dyt))))
+        dws = tuple(jax.lax.dynamic_update_index_in_dim(w, a.astype(w.dtype), ex, 0) for w, a in zip(dws, accs))
+        return _masked_store(dx, s, dxt, valid), dws, accs
 
-    zeros = partial(_zeros, like=xs)
-    init = (zeros((m + tile, d), xs.dtype), zeros(w_gate.shape, jnp.float32), zeros(w_up.shape, jnp.float32),
-            zeros(w_down.shape, jnp.float32))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, count, body, init)
-    return (dx[:m], None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
+    weights = (w_gate, w_up, w_down)
+    init = (_zeros((m + tile, d), xs.dtype, xs), tuple(_zeros(w.shape, w.dtype, xs) for w in weights),
+            tuple(_zeros(w.shape[1:], jnp.float32, xs) for w in weights))
+    dx, (dwg, dwu, dwd), _ = jax.lax.fori_loop(0, count, body, init)
+    return dx[:m], None, dwg, dwu, dwd
 
 
 blocked_swiglu.defvjp(lambda xs, gs, wg, wu, wd, tile: _blocked_fwd(xs, gs, wg, wu, wd, tile), _blocked_bwd)
