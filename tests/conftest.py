@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Eight simulated CPU devices for the sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session, inherited by every subprocess and notebook kernel: the
+# same train/decode step is compiled by many tests (each Trainer jits afresh), and a hit loads it instead (a tiny
+# train(): 130 s compiling, 18 s on a hit, on a loaded box). Keys cover the HLO, XLA_FLAGS and jax version, so only
+# identical programs are shared. Tests that time compilation opt out (COMPILE_TIMED below).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="dsv2-test-jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
+
+# Tests whose assertions are about compile time: they compile with the persistent cache switched off.
+COMPILE_TIMED = {"test_compile_time_does_not_grow_with_depth"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.originalname in COMPILE_TIMED:
+            item.add_marker("no_compile_cache")
+
+
+@pytest.fixture(autouse=True)
+def _compile_cache_off_when_timed(request):
+    if request.node.get_closest_marker("no_compile_cache") is None:
+        yield
+        return
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
 
 # Tiny configs covering both published variants. (a) V2-style: q compression, group-limited routing, YaRN with
 # mscale, routed_scaling_factor != 1, a dense first layer. (b) V2-Lite-style: no q compression, greedy.

@@ -117,14 +117,20 @@ def _losses(workdir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster):
+def straight_launch(cluster):
+    """The uninterrupted pair, started before `reference` so that the two overlap (they are independent)."""
     workdir = cluster.root / "straight"
-    outs = cluster.wait(cluster.launch(workdir, "data=2,expert=2"))
-    return workdir, outs
+    return workdir, cluster.launch(workdir, "data=2,expert=2")
 
 
 @pytest.fixture(scope="module")
-def reference(cluster) -> list[float]:
+def uninterrupted(cluster, straight_launch, reference):
+    workdir, procs = straight_launch
+    return workdir, cluster.wait(procs)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, straight_launch) -> list[float]:
     """One process, four of this process's devices, the same global batches: process 0's rows, then process 1's."""
     from dsv2_jax.train.data import make_dataset
     from dsv2_jax.parallel.sharding import make_mesh, shard_batch
@@ -200,11 +206,12 @@ def test_generate_over_a_two_process_mesh(cluster, uninterrupted):
 
     workdir = uninterrupted[0]
     prompt = [1, 50, 60, 70]
-    outs = cluster.wait(cluster.launch(workdir, "expert=2,tensor=2", (
+    procs = cluster.launch(workdir, "expert=2,tensor=2", (
         "generate", "--checkpoint", str(workdir), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
-        "6", "--dtype", "float32", "--json")))
-    model = dsv2_jax.load_model(workdir, "float32")
+        "6", "--dtype", "float32", "--json"))
+    model = dsv2_jax.load_model(workdir, "float32")  # while the two processes run
     want = DecodeEngine(model).generate([prompt], 6)[0]
+    outs = cluster.wait(procs)
     assert json.loads(outs[0].strip().splitlines()[-1])["new_ids"] == want
     assert "new_ids" not in outs[1]  # process 0 prints
 

@@ -1,8 +1,8 @@
 """Executes every notebook in notebooks/ top to bottom (NOTEBOOK_FAST=1 settings) in a fresh python3 kernel.
 
 The committed files must have no outputs; they are executed in memory and the executed copy is written to the
-test's temp directory (for inspection). Kernels share one persistent JAX compilation cache, so the train step
-that quickstart and moe_routing both compile is compiled once.
+test's temp directory (for inspection). Kernels inherit the session's persistent JAX compilation cache
+(tests/conftest.py), so a step that several notebooks (and tests) compile is compiled once.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ def test_notebooks_exist():
     assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "mla_kv_cache", "moe_routing", "finetune"}
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, tmp_path, monkeypatch, compile_cache):
+def test_notebook_executes(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name}: commit with outputs cleared"
@@ -40,9 +35,6 @@ def test_notebook_executes(path, tmp_path, monkeypatch, compile_cache):
     # The kernel inherits this environment: small settings, this checkout importable.
     monkeypatch.setenv("NOTEBOOK_FAST", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(tmp_path)}})
     try:

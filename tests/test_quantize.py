@@ -30,12 +30,13 @@ def released(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The main job's recipe (tiny preset, byte tokenizer, standard-library sources), shortened."""
+    """The main job's recipe (tiny preset, byte tokenizer, standard-library sources), shortened: exactly the
+    notebooks' base run, so the session's compilation cache holds its train step."""
     from dsv2_jax.train.loop import train
 
     work = tmp_path_factory.mktemp("trained")
-    tc = TrainConfig.load("configs/train-tiny.json").replace(steps=40, seq_len=64, warmup_steps=10,
-                                                             checkpoint_every=40)
+    tc = TrainConfig.load("configs/train-tiny.json").replace(steps=30, seq_len=64, warmup_steps=3,
+                                                             checkpoint_every=30)
     train(tc, work, progress=False)
     return work
 
