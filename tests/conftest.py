@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, inherited by every subprocess and notebook kernel: the
 # same train/decode step is compiled by many tests (each Trainer jits afresh), and a hit loads it instead (a tiny
 # train(): 130 s compiling, 18 s on a hit, on a loaded box). Keys cover the HLO, XLA_FLAGS and jax version, so only
-# identical programs are shared. Tests that time compilation opt out (COMPILE_TIMED below).
+# identical programs are shared. Tests that time compilation opt out (@pytest.mark.no_compile_cache).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE_DIR = tempfile.mkdtemp(prefix="dsv2-test-jax-cache-")
     atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
@@ -22,18 +22,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-# Tests whose assertions are about compile time: they compile with the persistent cache switched off.
-COMPILE_TIMED = {"test_compile_time_does_not_grow_with_depth"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.originalname in COMPILE_TIMED:
-            item.add_marker("no_compile_cache")
-
 
 @pytest.fixture(autouse=True)
 def _compile_cache_off_when_timed(request):
+    """Tests marked no_compile_cache (their assertions are about compile time) compile with the cache off."""
     if request.node.get_closest_marker("no_compile_cache") is None:
         yield
         return

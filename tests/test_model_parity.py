@@ -97,6 +97,7 @@ def compile_seconds(layers: int) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.no_compile_cache
 def test_compile_time_does_not_grow_with_depth():
     """8x the layers compiles in about the same time: the stacked groups are scanned, not unrolled.
 
