@@ -120,3 +120,17 @@ def test_pallas_paged_kernel_engine_equals_xla(offline):
     sched = Scheduler(init_model(cfg, seed=0, std=0.15), num_pages=12, **dict(KNOBS, max_running=1))
     reqs = run(sched, workload()[1:3])  # prompts of 15 (one chunk) and 36 tokens (three), then 14 and 13 decodes
     assert [r.output for r in reqs] == offline[1:3] and sched.pages_in_use == 0
+
+
+def test_step_updates_the_pool_in_place(model):
+    """The compiled step aliases the donated pool to its output and holds no pool-sized temporary: its cost must
+    not grow with the pool (a copy of the pool per step or per layer would)."""
+    from dsv2_jax.serve.paged_step import step_and_sample
+    sched = Scheduler(model, num_pages=2049, **KNOBS)  # a 12.6 MB pool
+    b, t, w = 4, 16, 4  # a prefill chunk: the same cache writes as decode, plus the page gather
+    z = jnp.zeros(b, jnp.int32)
+    compiled = step_and_sample.lower(sched.graphdef, sched.state, sched.cache, jnp.zeros((b, t), jnp.int32), z, z,
+                                     jnp.zeros((b, w), jnp.int32), z, z, jnp.zeros(b), z, jnp.ones(b)).compile()
+    mem = compiled.memory_analysis()
+    assert mem.alias_size_in_bytes >= sched.cache.nbytes
+    assert mem.temp_size_in_bytes < sched.cache.nbytes / 16, (mem.temp_size_in_bytes, sched.cache.nbytes)

@@ -16,6 +16,7 @@ Not thread-safe: one thread owns a Scheduler (see async_engine.py).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -78,6 +79,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = dict(steps=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0, preemptions=0)
+        # Wall seconds per step phase, summed: schedule (Python planning), launch (host arrays + dispatch), device
+        # (waiting for the sampled tokens: the decode call's, then the prefill call's, dispatched in that order),
+        # finish (appending, retiring, prefix registration); calls per kind.
+        self.timings = dict(schedule_s=0.0, launch_s=0.0, decode_device_s=0.0, prefill_device_s=0.0, finish_s=0.0,
+                            decode_calls=0, prefill_calls=0)
 
     # ---- queue API ----------------------------------------------------------------------------------
     def validate(self, prompt: list[int], max_tokens: int) -> None:
@@ -242,7 +248,11 @@ class Scheduler:
         return len(shapes)
 
     def step(self) -> list[StepOutput]:
+        tm = self.timings
+        t0 = time.perf_counter()
         rows = self._schedule()
+        t1 = time.perf_counter()
+        tm["schedule_s"] += t1 - t0
         if not rows:
             return []
         single = [(r, n) for r, n in rows if n == 1]
@@ -250,13 +260,21 @@ class Scheduler:
         launched = []
         if single:
             launched.append((single, self._launch(single, 1)))
+            tm["decode_calls"] += 1
         if multi:
             chunk = _bucket(max(n for _, n in multi), self.chunk_cap, MIN_CHUNK_BUCKET)
             launched.append((multi, self._launch(multi, chunk)))
+            tm["prefill_calls"] += 1
+        t2 = time.perf_counter()
+        tm["launch_s"] += t2 - t1
+        for k, (group, sampled) in enumerate(launched):
+            launched[k] = group, np.asarray(sampled)
+            t3 = time.perf_counter()
+            tm["decode_device_s" if group[0][1] == 1 else "prefill_device_s"] += t3 - t2
+            t2 = t3
         self.counters["steps"] += 1
         outputs = []
         for group, sampled in launched:
-            sampled = np.asarray(sampled)
             for j, (req, n) in enumerate(group):
                 req.num_cached += n
                 self.counters["computed_tokens"] += n
@@ -264,6 +282,7 @@ class Scheduler:
                     self._register_full_pages(req)
                     continue
                 outputs.append(self._append(req, int(sampled[j])))
+        tm["finish_s"] += time.perf_counter() - t3
         return outputs
 
     def _append(self, req: Request, token: int) -> StepOutput:
