@@ -220,10 +220,12 @@ def main() -> None:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     bd = {k: sum(b[k] for b in breakdowns) for k in breakdowns[0]}
     steps = max(bd["steps"], 1)
-    print(f"continuous step breakdown, ms/step over {bd['steps']} steps: " + ", ".join(
-        f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "launch_s", "decode_device_s",
-                                                         "prefill_device_s", "finish_s")) +
-        f"; decode calls {bd['decode_calls']}, prefill calls {bd['prefill_calls']}")
+    print(f"continuous, {bd['steps']} steps: ms/step " + ", ".join(
+        f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "decode_s", "prefill_s",
+                                                         "finish_s")) +
+        f"; ms/call decode {bd['decode_s'] / max(bd['decode_calls'], 1) * 1e3:.2f} ({bd['decode_calls']} calls), "
+        f"prefill {bd['prefill_s'] / max(bd['prefill_calls'], 1) * 1e3:.2f} ({bd['prefill_calls']} calls, "
+        f"{bd['prefill_tokens']} tokens in {bd['prefill_slots']} padded slots)")
     print(f"recompiled during timed runs: {recompiled}; load average (1 min) per run: "
           + ", ".join(f"{x:.2f}" for x in loads))
     if args.json:
