@@ -80,15 +80,6 @@ def test_continuous_batching_matches_offline(model, offline):
     assert sched.counters["preemptions"] > 0 and sched.counters["prefix_hit_tokens"] >= 2 * PAGE
 
 
-def test_fused_prefill_decode_matches_offline(model, offline):
-    """One [B,T] call per step for decode rows and prefill chunks together: the same tokens (shapes already
-    compiled by the test above, so nothing new compiles)."""
-    sched = Scheduler(model, num_pages=12, fuse_prefill_decode=True, **KNOBS)
-    reqs = run(sched, workload()[:8])
-    assert [r.output for r in reqs] == offline[:8] and sched.pages_in_use == 0
-    assert sched.timings["decode_calls"] > 0 and sched.timings["prefill_calls"] > 0
-
-
 def test_stop_ids_and_sampling_match_offline(model, offline):
     p, _ = workload()[1]
     stop = offline[1][2]

@@ -54,8 +54,7 @@ def make_scheduler(model, args) -> Scheduler:
     pages = args.max_running * -(-args.max_model_len // args.page_size) + 1
     return Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=args.max_running,
                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
-                     cache_dtype=jnp.float32, max_model_len=args.max_model_len,
-                     fuse_prefill_decode=args.fuse_prefill_decode)
+                     cache_dtype=jnp.float32, max_model_len=args.max_model_len)
 
 
 def run_continuous(sched: Scheduler, work) -> tuple[list[list[float]], dict]:
@@ -170,7 +169,6 @@ def main() -> None:
     ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
     ap.add_argument("--max-tokens-per-step", type=int, default=256)
     ap.add_argument("--max-prefill-chunk", type=int, default=None)
-    ap.add_argument("--fuse-prefill-decode", action="store_true", help="one call per step (Scheduler option)")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per engine, alternating; medians reported")
@@ -213,7 +211,7 @@ def main() -> None:
     for r in rows:
         r.update(throughput_x=r["throughput_tok_s"] / base, loadavg_1m=loads, rate=args.rate,
                  static_batch=args.static_batch, max_running=args.max_running, preset=args.preset,
-                 repeats=args.repeats, recompiled=recompiled, fuse_prefill_decode=args.fuse_prefill_decode)
+                 repeats=args.repeats, recompiled=recompiled)
     cols = ["engine", "throughput_tok_s", "throughput_x", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
             "makespan_s", "output_tokens"]
     print("| " + " | ".join(cols) + " |")

@@ -52,15 +52,12 @@ class Scheduler:
     256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
     max_prefill_chunk: longest prefill chunk of one row (default max(page_size, max_tokens_per_step // 4)). max_model_len: prompt + output limit (default the
     model's max_position_embeddings, capped by the pool). cache_sharding places the pool (replicated on a mesh).
-    fuse_prefill_decode: a step with prefill chunks runs its decode rows in the same [B,T] call (one call per step
-    instead of two; decode rows then use the gather path, not the paged kernel) — a win where a call's fixed
-    cost dominates, as on CPU.
     """
 
     def __init__(self, model: DeepseekV2, *, page_size: int = 64, num_pages: int | None = None,
                  cache_memory_bytes: int = 256 << 20, max_running: int = 16, max_tokens_per_step: int = 256,
                  max_prefill_chunk: int | None = None, max_model_len: int | None = None, cache_dtype=jnp.bfloat16,
-                 cache_sharding=None, fuse_prefill_decode: bool = False):
+                 cache_sharding=None):
         cfg = self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         if num_pages is None:
@@ -78,7 +75,6 @@ class Scheduler:
         # longest-chunk bucket]; one row taking the whole budget beside short ones would pad every row to it.
         self.max_prefill_chunk = min(max_prefill_chunk or max(page_size, max_tokens_per_step // 4),
                                      max_tokens_per_step)
-        self.fuse_prefill_decode = fuse_prefill_decode
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.batch_cap = _bucket(max_running, 1 << 30)
@@ -275,8 +271,6 @@ class Scheduler:
             return []
         single = [(r, n) for r, n in rows if n == 1]
         multi = [(r, n) for r, n in rows if n > 1]
-        if multi and self.fuse_prefill_decode:
-            single, multi = [], single + multi
         launched = []
         if single:
             launched.append((single, self._launch(single, 1, "decode")))
