@@ -1,13 +1,21 @@
-"""Serving benchmark: the same Poisson workload through continuous batching (paged latent cache) and through the
-static DecodeEngine in fixed batches, in one run. Reports throughput and p50/p99 TTFT / TPOT.
+"""Serving benchmark: one Poisson workload through continuous batching (paged latent cache) and through the static
+DecodeEngine in fixed batches, in one run. Reports throughput, p50/p99 TTFT and TPOT, and the scheduler's step-time
+breakdown.
 
-Both engines run a random model from a config preset (default "tiny") on this host's default device, in real
-time: requests arrive at their Poisson times, and each engine only sees requests that have arrived. The static
-engine takes the next `--static-batch` requests once they have all arrived (or the last ones), decodes the batch
-until its longest request is done and only then starts the next; continuous batching admits and retires
-requests at every step. Each engine runs the whole workload once untimed first, so compilation is not measured.
+Both engines run the same random model (config preset, default "tiny") on this host's default device, in real time,
+on the same requests (same prompts, output lengths and arrival times, from --seed): each only sees requests that
+have arrived.
+  * continuous: `Scheduler` with --max-running slots, admitting and retiring requests at every step;
+  * static: `DecodeEngine` in batches of --static-batch (default: --max-running) formed in arrival order: a batch
+    starts when the engine is free and either --static-batch requests are waiting or the oldest has waited
+    --batch-timeout s (or no more will arrive); it decodes until its longest request is done. Its shapes are
+    fixed: partial batches are padded to --static-batch rows, the cache is --max-model-len long.
+Every shape either engine can use is compiled before timing, and the compile caches are checked not to grow
+during the timed runs. --repeats alternates the engines and reports medians. Greedy decoding; output lengths are
+exact (no EOS), so both engines produce the same tokens.
 
-  python tools/bench_serve.py --requests 48 --rate 8 --json results.jsonl
+  python tools/bench_serve.py --requests 64 --rate 100 --repeats 2 --json results.jsonl
+  python tools/bench_serve.py --pool-sweep 129,2049,8193     # paged step time vs page-pool size
 """
 
 from __future__ import annotations
@@ -15,20 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.infer.engine import DecodeEngine
+from dsv2_jax.infer.engine import MIN_BUCKET, DecodeEngine, decode_and_sample, prefill_and_sample
 from dsv2_jax.model.transformer import init_model
 from dsv2_jax.serve.request import Request, SamplingParams
-from dsv2_jax.serve.scheduler import Scheduler
+from dsv2_jax.serve.scheduler import Scheduler, compiled_shapes
 
 
 def make_workload(n: int, rate: float, prompt_range, output_range, vocab: int, seed: int):
-    """[(arrival_s, prompt ids, max_tokens)] with exponential inter-arrival times (Poisson process)."""
+    """[(arrival_s, prompt ids, max_tokens)]: exponential inter-arrival times (Poisson), uniform [lo, hi) lengths."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     arrivals -= arrivals[0]
@@ -36,17 +45,24 @@ def make_workload(n: int, rate: float, prompt_range, output_range, vocab: int, s
              int(rng.integers(*output_range))) for a in arrivals]
 
 
-def run_continuous(model, work, args) -> list[list[float]]:
-    """Token timestamps (s since start) per request, through the Scheduler stepping in real time."""
-    # The pool holds max_running full-length sequences, as the static engine's cache holds its batch (on CPU a
-    # step's cache scatter costs time in proportion to the pool).
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def make_scheduler(model, args) -> Scheduler:
+    # The pool holds max_running full-length sequences, as the static engine's cache holds its batch.
     pages = args.max_running * -(-args.max_model_len // args.page_size) + 1
-    sched = Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=args.max_running,
-                      max_tokens_per_step=args.max_tokens_per_step, cache_dtype=jnp.float32,
-                      max_model_len=args.max_model_len)
-    sched.warmup()  # every bucket shape; the static engine's shapes are compiled by its untimed first pass
+    return Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=args.max_running,
+                     max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
+                     cache_dtype=jnp.float32, max_model_len=args.max_model_len)
+
+
+def run_continuous(sched: Scheduler, work) -> tuple[list[list[float]], dict]:
+    """Token timestamps (s since start) per request, through the Scheduler stepping in real time; and the
+    scheduler's step-time breakdown over this run."""
     reqs = [Request(str(i), p, SamplingParams(max_tokens=n)) for i, (_, p, n) in enumerate(work)]
     times: list[list[float]] = [[] for _ in work]
+    before = dict(sched.timings, steps=sched.counters["steps"])
     t0, nxt = time.perf_counter(), 0
     while nxt < len(work) or sched.has_work:
         now = time.perf_counter() - t0
@@ -62,21 +78,40 @@ def run_continuous(model, work, args) -> list[list[float]]:
         for o in outs:
             times[int(o.request.id)].append(now)
     assert sched.pages_in_use == 0
-    return times
+    after = dict(sched.timings, steps=sched.counters["steps"])
+    return times, {k: after[k] - before[k] for k in after}
 
 
-def run_static(model, work, args) -> list[list[float]]:
-    """Token timestamps per request through DecodeEngine in FCFS batches of --static-batch."""
-    engine = DecodeEngine(model, cache_dtype=jnp.float32)  # cache sized per batch, as `generate` does
+def static_engine(model, args) -> DecodeEngine:
+    """A DecodeEngine with every prompt bucket compiled at the fixed batch size."""
+    engine = DecodeEngine(model, max_len=args.max_model_len, cache_dtype=jnp.float32)
+    buckets = sorted({min(max(_pow2(n), MIN_BUCKET), args.max_model_len) for n in range(*args.prompt_len)})
+    for t in buckets:
+        engine.generate([[1] * t] * args.static_batch, 2)
+    return engine
+
+
+def run_static(engine: DecodeEngine, work, args) -> list[list[float]]:
+    """Token timestamps per request through the DecodeEngine in arrival-order batches (see the module doc)."""
     times: list[list[float]] = [[] for _ in work]
-    t0 = time.perf_counter()
-    for start in range(0, len(work), args.static_batch):
-        batch = list(range(start, min(start + args.static_batch, len(work))))
-        wait = work[batch[-1]][0] - (time.perf_counter() - t0)
-        if wait > 0:
-            time.sleep(wait)
+    t0, nxt = time.perf_counter(), 0
+    while nxt < len(work):
+        now = time.perf_counter() - t0
+        arrived = sum(1 for a, _, _ in work[nxt:nxt + args.static_batch] if a <= now)
+        full = nxt + args.static_batch <= len(work) and arrived == args.static_batch
+        last = nxt + arrived == len(work) and arrived > 0
+        if not (full or last or (arrived and now - work[nxt][0] >= args.batch_timeout)):
+            # sleep until the batch fills or the oldest request's timeout, whichever comes first
+            fill = work[min(nxt + args.static_batch, len(work)) - 1][0]
+            timeout = work[nxt][0] + args.batch_timeout
+            time.sleep(max(min(fill, timeout) - now, 0.0005))
+            continue
+        batch = list(range(nxt, nxt + arrived))
+        nxt += arrived
+        prompts = [work[i][1] for i in batch]
+        prompts += [[1]] * (args.static_batch - len(batch))  # padding rows: the one compiled batch size
         steps = max(work[i][2] for i in batch)  # one max_new_tokens per batch: run until the longest is done
-        for k, step in enumerate(engine.stream([work[i][1] for i in batch], steps)):
+        for k, _ in enumerate(engine.stream(prompts, steps)):
             now = time.perf_counter() - t0
             for i in batch:
                 if k < work[i][2]:
@@ -88,53 +123,115 @@ def summarize(name: str, work, times) -> dict:
     ttft = np.array([ts[0] - w[0] for w, ts in zip(work, times)])
     tpot = np.array([(ts[-1] - ts[0]) / (len(ts) - 1) for ts in times if len(ts) > 1])
     tokens = sum(len(ts) for ts in times)
+    assert tokens == sum(w[2] for w in work), "an engine lost tokens"
     span = max(ts[-1] for ts in times)
-    return {"engine": name, "requests": len(work), "output_tokens": tokens, "makespan_s": round(span, 3),
-            "throughput_tok_s": round(tokens / span, 1),
-            "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4), "ttft_p99_s": round(float(np.percentile(ttft, 99)), 4),
-            "tpot_p50_s": round(float(np.percentile(tpot, 50)), 5), "tpot_p99_s": round(float(np.percentile(tpot, 99)), 5)}
+    return {"engine": name, "requests": len(work), "output_tokens": tokens, "makespan_s": span,
+            "throughput_tok_s": tokens / span,
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99))}
+
+
+def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
+    """Median ms of one paged step (decode [B,1] and a prefill chunk [B,16]) per pool size, interleaved."""
+    b, w = args.max_running, -(-args.max_model_len // args.page_size)
+    scheds = {p: Scheduler(model, page_size=args.page_size, num_pages=p, max_running=b, cache_dtype=jnp.float32,
+                           max_model_len=args.max_model_len) for p in pools}
+
+    def call(p, t):
+        z = np.zeros(b, np.int32)
+        tables = (np.arange(b * w).reshape(b, w) % (p - 1) + 1).astype(np.int32)
+        return scheds[p]._call(np.ones((b, t), np.int32), np.full(b, 100, np.int32), np.full(b, t, np.int32),
+                               tables, z, z, np.zeros(b, np.float32), z, np.ones(b, np.float32))
+
+    res = {(p, t): [] for p in pools for t in (1, 16)}
+    for k in range(rounds + 2):
+        for p, t in res:
+            s = time.perf_counter()
+            call(p, t).block_until_ready()
+            if k >= 2:
+                res[(p, t)].append(time.perf_counter() - s)
+    print(f"| pages | pool MiB | decode [{b},1] ms | prefill [{b},16] ms |\n|---|---|---|---|")
+    for p in pools:
+        print(f"| {p} | {scheds[p].cache.nbytes / 2**20:.1f} | {np.median(res[(p, 1)]) * 1e3:.2f} | "
+              f"{np.median(res[(p, 16)]) * 1e3:.2f} |")
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=100.0, help="mean arrivals per second")
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(8, 192), help="uniform range [lo, hi)")
     ap.add_argument("--output-len", type=int, nargs=2, default=(8, 128), help="uniform range [lo, hi)")
-    ap.add_argument("--static-batch", type=int, default=8)
     ap.add_argument("--max-running", type=int, default=16)
+    ap.add_argument("--static-batch", type=int, default=None, help="default: --max-running")
+    ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
     ap.add_argument("--max-tokens-per-step", type=int, default=256)
+    ap.add_argument("--max-prefill-chunk", type=int, default=None)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per engine, alternating; medians reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool-sweep", default=None, help="comma-separated page counts: time the paged step only")
     ap.add_argument("--json", default=None, help="append the result rows to this JSONL file")
     args = ap.parse_args()
+    args.static_batch = args.static_batch or args.max_running
 
     cfg = ModelConfig.preset(args.preset)
     model = init_model(cfg, seed=0)
+    if args.pool_sweep:
+        pool_sweep(model, [int(p) for p in args.pool_sweep.split(",")], args)
+        return
     work = make_workload(args.requests, args.rate, args.prompt_len, args.output_len, cfg.vocab_size, args.seed)
+    sched = make_scheduler(model, args)
+    t = time.perf_counter()
+    print(f"compiled {sched.warmup()} scheduler shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    t = time.perf_counter()
+    engine = static_engine(model, args)
+    print(f"compiled the static engine's shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    compiles = (compiled_shapes(), prefill_and_sample._cache_size(), decode_and_sample._cache_size())
+    runs: dict[str, list[dict]] = {"continuous": [], "static": []}
+    breakdowns = []
+    loads = [os.getloadavg()[0]]
+    for k in range(args.repeats):
+        print(f"timed run {k + 1}/{args.repeats}", file=sys.stderr)
+        times, breakdown = run_continuous(sched, work)
+        runs["continuous"].append(summarize("continuous", work, times))
+        breakdowns.append(breakdown)
+        runs["static"].append(summarize("static", work, run_static(engine, work, args)))
+        loads.append(os.getloadavg()[0])
+    recompiled = (compiled_shapes(), prefill_and_sample._cache_size(), decode_and_sample._cache_size()) != compiles
+
     rows = []
-    for name, fn in (("continuous", run_continuous), ("static", run_static)):
-        fn(model, work, args)  # warm-up: compiles every shape this workload needs
-        rows.append(summarize(name, work, fn(model, work, args)))
-    load = os.getloadavg()
-    base = rows[1]
+    for name, rs in runs.items():
+        row = {k: (v if isinstance(v, str) else float(np.median([r[k] for r in rs]))) for k, v in rs[0].items()}
+        rows.append(row)
+    base = rows[1]["throughput_tok_s"]
     for r in rows:
-        r.update(throughput_x=round(r["throughput_tok_s"] / base["throughput_tok_s"], 2),
-                 loadavg_1m=round(load[0], 2), rate=args.rate, static_batch=args.static_batch,
-                 max_running=args.max_running, preset=args.preset)
+        r.update(throughput_x=r["throughput_tok_s"] / base, loadavg_1m=loads, rate=args.rate,
+                 static_batch=args.static_batch, max_running=args.max_running, preset=args.preset,
+                 repeats=args.repeats, recompiled=recompiled)
     cols = ["engine", "throughput_tok_s", "throughput_x", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
             "makespan_s", "output_tokens"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    print(f"load average (1 min): {load[0]:.2f}")
+        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    bd = {k: sum(b[k] for b in breakdowns) for k in breakdowns[0]}
+    steps = max(bd["steps"], 1)
+    print(f"continuous, {bd['steps']} steps: ms/step " + ", ".join(
+        f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "decode_s", "prefill_s",
+                                                         "finish_s")) +
+        f"; ms/call decode {bd['decode_s'] / max(bd['decode_calls'], 1) * 1e3:.2f} ({bd['decode_calls']} calls), "
+        f"prefill {bd['prefill_s'] / max(bd['prefill_calls'], 1) * 1e3:.2f} ({bd['prefill_calls']} calls, "
+        f"{bd['prefill_tokens']} tokens in {bd['prefill_slots']} padded slots)")
+    print(f"recompiled during timed runs: {recompiled}; load average (1 min) per run: "
+          + ", ".join(f"{x:.2f}" for x in loads))
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(dict(r, breakdown=bd)) + "\n")
 
 
 if __name__ == "__main__":

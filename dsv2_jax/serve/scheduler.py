@@ -16,6 +16,7 @@ Not thread-safe: one thread owns a Scheduler (see async_engine.py).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class Scheduler:
 
     page_size: tokens per page. num_pages (trash page included) or cache_memory_bytes sizes the pool (default
     256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
-    max_prefill_chunk: longest prefill chunk of one row. max_model_len: prompt + output limit (default the
+    max_prefill_chunk: longest prefill chunk of one row (default max(page_size, max_tokens_per_step // 4)). max_model_len: prompt + output limit (default the
     model's max_position_embeddings, capped by the pool). cache_sharding places the pool (replicated on a mesh).
     """
 
@@ -70,7 +71,10 @@ class Scheduler:
         self.page_size = page_size
         self.max_running = max_running
         self.max_tokens_per_step = max_tokens_per_step
-        self.max_prefill_chunk = min(max_prefill_chunk or max_tokens_per_step, max_tokens_per_step)
+        # Default chunk: a quarter of the step budget (at least a page). The prefill call computes [rows bucket x
+        # longest-chunk bucket]; one row taking the whole budget beside short ones would pad every row to it.
+        self.max_prefill_chunk = min(max_prefill_chunk or max(page_size, max_tokens_per_step // 4),
+                                     max_tokens_per_step)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.batch_cap = _bucket(max_running, 1 << 30)
@@ -78,6 +82,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = dict(steps=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0, preemptions=0)
+        # Wall seconds per step phase, summed: schedule (Python planning), prepare (host arrays), decode / prefill
+        # (one call each: transfer, compute, sampled tokens back; on CPU a dispatch may itself run the program, so
+        # calls are timed to their result), finish (appending, retiring, prefix registration); calls per kind, and
+        # prefill tokens vs the padded [batch bucket x chunk bucket] slots computed for them.
+        self.timings = dict(schedule_s=0.0, prepare_s=0.0, decode_s=0.0, prefill_s=0.0, finish_s=0.0, decode_calls=0,
+                            prefill_calls=0, prefill_tokens=0, prefill_slots=0)
 
     # ---- queue API ----------------------------------------------------------------------------------
     def validate(self, prompt: list[int], max_tokens: int) -> None:
@@ -198,8 +208,9 @@ class Scheduler:
             budget -= n
         return rows
 
-    def _launch(self, rows: list[tuple[Request, int]], chunk: int):
-        """Dispatches one jitted call for rows (each with <= chunk new tokens); returns the sampled tokens."""
+    def _launch(self, rows: list[tuple[Request, int]], chunk: int, kind: str) -> np.ndarray:
+        """Runs one jitted call for rows (each with <= chunk new tokens); returns the sampled tokens."""
+        t0 = time.perf_counter()
         b = _bucket(len(rows), self.batch_cap)
         width = self._width(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows))
         tokens = np.zeros((b, chunk), np.int32)
@@ -213,7 +224,16 @@ class Scheduler:
             p = r.params
             seeds[j], steps[j], top_k[j], temperature[j], top_p[j] = (p.seed, r.num_generated, p.top_k,
                                                                       p.temperature, p.top_p)
-        return self._call(tokens, starts, n_new, tables, seeds, steps, temperature, top_k, top_p)
+        t1 = time.perf_counter()
+        sampled = np.asarray(self._call(tokens, starts, n_new, tables, seeds, steps, temperature, top_k, top_p))
+        tm = self.timings
+        tm["prepare_s"] += t1 - t0
+        tm[f"{kind}_s"] += time.perf_counter() - t1
+        tm[f"{kind}_calls"] += 1
+        if kind == "prefill":
+            tm["prefill_tokens"] += int(n_new.sum())
+            tm["prefill_slots"] += b * chunk
+        return sampled
 
     def _call(self, *arrays):
         out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *map(jnp.asarray, arrays))
@@ -242,21 +262,25 @@ class Scheduler:
         return len(shapes)
 
     def step(self) -> list[StepOutput]:
+        tm = self.timings
+        t0 = time.perf_counter()
         rows = self._schedule()
+        t1 = time.perf_counter()
+        tm["schedule_s"] += t1 - t0
         if not rows:
             return []
         single = [(r, n) for r, n in rows if n == 1]
         multi = [(r, n) for r, n in rows if n > 1]
         launched = []
         if single:
-            launched.append((single, self._launch(single, 1)))
+            launched.append((single, self._launch(single, 1, "decode")))
         if multi:
             chunk = _bucket(max(n for _, n in multi), self.chunk_cap, MIN_CHUNK_BUCKET)
-            launched.append((multi, self._launch(multi, chunk)))
+            launched.append((multi, self._launch(multi, chunk, "prefill")))
+        t3 = time.perf_counter()
         self.counters["steps"] += 1
         outputs = []
         for group, sampled in launched:
-            sampled = np.asarray(sampled)
             for j, (req, n) in enumerate(group):
                 req.num_cached += n
                 self.counters["computed_tokens"] += n
@@ -264,6 +288,7 @@ class Scheduler:
                     self._register_full_pages(req)
                     continue
                 outputs.append(self._append(req, int(sampled[j])))
+        tm["finish_s"] += time.perf_counter() - t3
         return outputs
 
     def _append(self, req: Request, token: int) -> StepOutput:
