@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.model.layer_cache import LatentLayerCache
+from dsv2_jax.model.layer_cache import LatentLayerCache, LatentStacks
 from dsv2_jax.ops import attention_backend
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class LatentCache:
+class LatentCache(LatentStacks):
     ckv: tuple[jnp.ndarray, ...]    # per layer group: [L_g, B, S, kv_lora_rank]
     krope: tuple[jnp.ndarray, ...]  # per layer group: [L_g, B, S, qk_rope_head_dim]
     lengths: jnp.ndarray            # [B] int32, tokens already cached per sequence
@@ -43,18 +43,6 @@ class LatentCache:
     @property
     def max_len(self) -> int:
         return self.ckv[0].shape[2]
-
-    @property
-    def dtype(self):
-        return self.ckv[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: (kv_lora_rank + qk_rope_head_dim) · layers · itemsize · batch · max_len.
-
-        The [B] lengths are not counted.
-        """
-        return sum(a.size * a.dtype.itemsize for a in (*self.ckv, *self.krope))
 
     def replace(self, **kw) -> LatentCache:
         """A copy with fields replaced; `fresh` is dropped unless given (new lengths mean tokens are held)."""

@@ -28,6 +28,20 @@ class LayerCache(Protocol):
         and cores → (o [B,T,H,v], the cache with the tokens written)."""
 
 
+class LatentStacks:
+    """What the dense and the paged latent caches share: per layer group one c_KV stack (`ckv`) and one k_rope
+    stack (`krope`), whatever their inner layout."""
+
+    @property
+    def dtype(self):
+        return self.ckv[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the latent stacks (bookkeeping such as lengths not counted)."""
+        return sum(a.size * a.dtype.itemsize for a in (*self.ckv, *self.krope))
+
+
 class LatentLayerCache:
     """Attention over a cache of MLA latents; subclasses are frozen pytree dataclasses holding one layer group.
 

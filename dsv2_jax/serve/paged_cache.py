@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv2_jax.config import ModelConfig
-from dsv2_jax.model.layer_cache import LatentLayerCache
+from dsv2_jax.model.layer_cache import LatentLayerCache, LatentStacks
 from dsv2_jax.ops import attention_backend
 from kernels_pallas.paged_mla_decode import gather_pages
 
@@ -41,7 +41,7 @@ def pages_for_budget(cfg: ModelConfig, page_size: int, dtype, budget_bytes: int)
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class PagedLatentCache:
+class PagedLatentCache(LatentStacks):
     ckv: tuple[jnp.ndarray, ...]    # per layer group: [L_g, P, page, kv_lora_rank]
     krope: tuple[jnp.ndarray, ...]  # per layer group: [L_g, P, page, qk_rope_head_dim]
 
@@ -65,14 +65,6 @@ class PagedLatentCache:
     @property
     def page_size(self) -> int:
         return self.ckv[0].shape[2]
-
-    @property
-    def dtype(self):
-        return self.ckv[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (*self.ckv, *self.krope))
 
     def for_batch(self, block_tables: jnp.ndarray, n_new: jnp.ndarray) -> PagedBatch:
         """The pool addressed for one batch: block_tables [B, N] page ids, n_new [B] real new tokens per row."""
