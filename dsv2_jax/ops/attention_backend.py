@@ -13,9 +13,10 @@ choice (its Hopper variant is the same kernel reading pages through the block ta
 (infer/latent_cache.py, serve/paged_cache.py) call the decode cores with their own layout and layer index.
 
 The Hopper decode kernel needs query and cache in one 16-bit dtype and a cache length (paged: a page size) of whole
-blocks; other caches decode with `xla` (`decode_kernel`).
-Under a mesh context (`jax.set_mesh` / `use_abstract_mesh`) the Pallas and tokamax cores run inside `shard_map` (batch over the batch axes, heads over "tensor"), because XLA cannot
-partition a kernel's custom call and would otherwise gather its operands onto every device.
+blocks; other caches decode with `xla` (`decode_kernel`). Under a mesh context (`jax.set_mesh` /
+`use_abstract_mesh`) the Pallas and tokamax cores run inside `shard_map` (batch over the batch axes, heads over
+"tensor"), because XLA cannot partition a kernel's custom call and would otherwise gather its operands onto every
+device.
 
 The platform is JAX's default backend unless the context mesh names a target device (an `AbstractMesh` with an
 `abstract_device`) or `lowering_platform("tpu" | "cuda")` names it, so `jax.export(..., platforms=[...])` on a
