@@ -199,16 +199,19 @@ def _gpu_store(acc, m, l, o_dst, lse_dst, half):
     pl.run_scoped(store, plgpu.SMEM((_GPU_HEADS, half), jnp.float32), plgpu.SMEM((_GPU_HEADS,), jnp.float32))
 
 
-def _gpu_body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem, *, scale, block_t,
-              blocks_per_split, n_blocks, dtype):
-    """One CTA: (head tile hb, value half v, split s, row b) pipelines its blocks of layer `layer` of row b."""
+def _gpu_body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem, lse_gmem, *, cache_row, cache_block,
+              scale, block_t, blocks_per_split, n_blocks, dtype):
+    """One CTA: (head tile hb, value half v, split s, row b) pipelines its blocks of layer `layer` of row b.
+
+    The cache refs are [L, rows, blocks·block_t, X]; row b's logical block j (< n_blocks) is block
+    cache_block(b, j) of ckv_gmem[layer, cache_row(b)] (dense: (b, j); paged: a block-table lookup)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     hb, v = lax.axis_index("hb"), lax.axis_index("v")
     split, bi = lax.axis_index("s"), lax.axis_index("b")
     layer_i = layer_gmem[0]
     heads = pl.ds(hb * _GPU_HEADS, _GPU_HEADS)
-    length = len_gmem[bi]
+    length, row = len_gmem[bi], cache_row(bi)
     first = split * blocks_per_split
     n = jnp.clip(pl.cdiv(length, block_t) - first, 0, blocks_per_split)  # blocks to visit
     half, r = ckv_gmem.shape[-1] // _GPU_SPLIT_V, kr_gmem.shape[-1]
@@ -222,7 +225,7 @@ def _gpu_body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem,
             return _gpu_block_step((q_own, q_other, q_r), ckv_own, ckv_other, kr, carry,
                                    pos0=(first + idx[0]) * block_t, length=length, scale=scale, block_t=block_t)
 
-        block = lambda j: jnp.minimum(first + j, n_blocks - 1)  # noqa: E731
+        block = lambda j: cache_block(bi, jnp.minimum(first + j, n_blocks - 1))  # noqa: E731
         wg = plgpu.Layout.WGMMA
         init = (
             plgpu.layout_cast(jnp.zeros((_GPU_HEADS, half), jnp.float32), wg),
@@ -242,7 +245,7 @@ def _gpu_body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem,
             ],
             max_concurrent_steps=2,
             init_carry=init,
-        )(ckv_gmem.at[layer_i, bi], ckv_gmem.at[layer_i, bi], kr_gmem.at[layer_i, bi])
+        )(ckv_gmem.at[layer_i, row], ckv_gmem.at[layer_i, row], kr_gmem.at[layer_i, row])
 
     acc, m, l = pl.run_scoped(
         compute,
@@ -255,19 +258,39 @@ def _gpu_body(len_gmem, layer_gmem, ql_gmem, qr_gmem, ckv_gmem, kr_gmem, o_gmem,
     _gpu_store(acc, m, l, o_gmem.at[bi, split, heads, pl.ds(v * half, half)], lse_gmem.at[bi, split, heads], half)
 
 
-def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits):
+def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits, block_tables=None):
+    """The Hopper kernel over a dense stack ckv [L,B,T,C] / krope [L,B,T,R], or, with block_tables [B,N], over
+    page pools [L,P,page,C] / [L,P,page,R] (page a multiple of block_t): row b's logical block j is then
+    block j % k of page block_tables[b, j // k], k = page // block_t. Returns (o_lat [B,H,C], lse [B,H])."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # Hopper-only lowering
 
     b, h, c = q_lat.shape
     hp = pl.cdiv(h, _GPU_HEADS) * _GPU_HEADS
     q_lat = jnp.pad(q_lat, ((0, 0), (0, hp - h), (0, 0)))
     q_rope = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
-    n_blocks = ckv.shape[2] // block_t
+    if block_tables is None:
+        n_blocks, tables = ckv.shape[2] // block_t, ()
+    else:
+        per_page = ckv.shape[2] // block_t
+        n_blocks, tables = block_tables.shape[1] * per_page, (block_tables,)
+        # Each layer's pool as one row of P·page tokens (a free reshape): a page is then just a block address.
+        ckv, krope = (a.reshape(a.shape[0], 1, -1, a.shape[-1]) for a in (ckv, krope))
     static = dict(scale=scale, block_t=block_t, blocks_per_split=pl.cdiv(n_blocks, num_splits), n_blocks=n_blocks,
                   dtype=q_lat.dtype)
 
-    def body(*refs):  # a named function: Mosaic GPU names the kernel after it
-        _gpu_body(*refs, **static)
+    def body(len_gmem, layer_gmem, *refs):  # a named function: Mosaic GPU names the kernel after it
+        if block_tables is None:
+            return _gpu_body(len_gmem, layer_gmem, *refs, cache_row=lambda bi: bi, cache_block=lambda bi, j: j,
+                             **static)
+        bt_gmem, *refs = refs
+
+        def page_block(bi, j):
+            # Clamped to the row's last valid block (an empty split's one masked step must not follow a table
+            # slot past the length, which may hold anything).
+            j = jnp.minimum(j, jnp.maximum(pl.cdiv(len_gmem[bi], block_t) - 1, 0))
+            return bt_gmem[bi, j // per_page] * per_page + j % per_page
+
+        _gpu_body(len_gmem, layer_gmem, *refs, cache_row=lambda bi: 0, cache_block=page_block, **static)
 
     f32 = jnp.float32
     o_part, lse_part = plgpu.kernel(
@@ -276,9 +299,14 @@ def _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, nu
         grid=(hp // _GPU_HEADS, _GPU_SPLIT_V, num_splits, b),
         grid_names=("hb", "v", "s", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(lengths, layer, q_lat, q_rope, ckv, krope)
+    )(lengths, layer, *tables, q_lat, q_rope, ckv, krope)
     o, lse = combine_splits(o_part, lse_part, q_lat.dtype)
     return o[:, :h], lse[:, :h]
+
+
+def gpu_num_splits(batch: int, heads: int) -> int:
+    """Split-K count that fills an H100/H200's 132 SMs with (row, head tile, value half, split) CTAs."""
+    return pl.cdiv(132, batch * pl.cdiv(heads, _GPU_HEADS) * _GPU_SPLIT_V)
 
 
 def _default_block(backend: str) -> int:
@@ -324,13 +352,9 @@ def mla_decode(q_lat, q_rope, ckv, krope, lengths, *, scale, layer=None, block_t
         return mla_decode_reference(q_lat, q_rope, pick(ckv), pick(krope), lengths, scale=scale)
     n_blocks = pl.cdiv(t, block_t)
     if num_splits is None:
-        # Enough (batch, split) programs to fill the chip: 132 SMs on H100/H200
-        # (times head tiles / value halves), 2 TensorCores on megacore TPUs.
-        target = {"mosaic_gpu": 132, "mosaic_tpu": 2}.get(backend, 1)
-        programs = q_lat.shape[0]
-        if backend == "mosaic_gpu":
-            programs *= pl.cdiv(q_lat.shape[1], _GPU_HEADS) * _GPU_SPLIT_V
-        num_splits = pl.cdiv(target, programs)
+        # Enough (batch, split) programs to fill the chip: the SMs of an H100/H200, 2 TensorCores on megacore TPUs.
+        num_splits = (gpu_num_splits(*q_lat.shape[:2]) if backend == "mosaic_gpu"
+                      else pl.cdiv({"mosaic_tpu": 2}.get(backend, 1), q_lat.shape[0]))
     num_splits = max(1, min(num_splits, n_blocks))
     kernel = _decode_gpu if backend == "mosaic_gpu" else functools.partial(
         _decode_pallas, interpret=backend == "interpret")

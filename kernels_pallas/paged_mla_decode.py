@@ -2,9 +2,10 @@
 
 The cache is one pool of fixed-size pages per layer stack, ckv [L, P, page, C] / krope [L, P, page, R]; row b's
 tokens live in the pages listed by block_tables[b] (token t at page block_tables[b, t // page], slot t % page).
-The kernel is `mla_decode`'s: same per-block body (`_decode_kernel`), same split-K merge (`combine_splits`);
-only the cache index map differs — it reads the page id out of the block table, a scalar-prefetch operand, so
-the pipeline DMAs each page straight from the pool with no gather copy.
+The kernels are `mla_decode`'s: same per-block body, same split-K merge (`combine_splits`); only the address of a
+cache block differs. Mosaic TPU: the index map reads the page id out of the block table, a scalar-prefetch
+operand, so the pipeline DMAs each page straight from the pool with no gather copy. Hopper (Mosaic GPU):
+`_decode_gpu` with block_tables, whose pipeline reads the page id from the table in global memory per block.
 """
 
 import functools
@@ -15,7 +16,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.backends import resolve_backend
-from kernels_pallas.mla_decode import _decode_kernel, combine_splits
+from kernels_pallas.mla_decode import (_decode_gpu, _decode_kernel, _default_block, combine_splits, decode_supported,
+                                      gpu_num_splits)
 from kernels_pallas.reference import mla_decode_reference
 
 
@@ -85,8 +87,8 @@ def paged_mla_decode(q_lat, q_rope, ckv, krope, block_tables, lengths, *, scale,
     int32 scalar that may be traced, picks the layer in place); block_tables [B,N] int32 page ids; lengths [B]
     int32 (1 <= length <= N·page; positions >= length are ignored, as are pages past the length).
     Returns (o_lat [B,H,C] in q dtype, lse [B,H] fp32). num_splits: split-K over pages (None fills the device).
-    backend: "auto" | "interpret" | "mosaic_tpu" | "xla" (gather + reference). "mosaic_gpu" takes the XLA path:
-    the Hopper kernel pipelines contiguous blocks and has no paged variant yet.
+    backend: "auto" | "interpret" | "mosaic_tpu" | "mosaic_gpu" | "xla" (gather + reference); "mosaic_gpu" (the
+    Hopper kernel) raises ValueError for a pool `decode_supported` rejects (page size = its max_len).
     """
     backend = resolve_backend(backend)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -94,9 +96,19 @@ def paged_mla_decode(q_lat, q_rope, ckv, krope, block_tables, lengths, *, scale,
     page = ckv.shape[2]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n * page)
     block_tables = block_tables.astype(jnp.int32)
-    if backend in ("xla", "mosaic_gpu"):
+    if backend == "xla":
         return paged_mla_decode_reference(q_lat, q_rope, ckv, krope, block_tables, lengths, scale=scale,
                                           layer=layer[0])
+    if backend == "mosaic_gpu":
+        block_t = _default_block(backend)
+        if not decode_supported(backend, q_lat.dtype, ckv.dtype, page, block_t):
+            raise ValueError(f"paged_mla_decode backend 'mosaic_gpu' needs q and pool in one 16-bit dtype and pages "
+                             f"of whole {block_t}-row blocks, got {q_lat.dtype} / {ckv.dtype} with page size {page} "
+                             "(dsv2_jax.ops.attention_backend decodes these with 'xla')")
+        n_blocks = n * (page // block_t)
+        splits = max(1, min(num_splits or gpu_num_splits(*q_lat.shape[:2]), n_blocks))
+        return _decode_gpu(q_lat, q_rope, ckv, krope, lengths, layer, scale=scale, block_t=block_t,
+                           num_splits=splits, block_tables=block_tables)
     if num_splits is None:
         num_splits = pl.cdiv({"mosaic_tpu": 2}.get(backend, 1), q_lat.shape[0])
     num_splits = max(1, min(num_splits, n))

@@ -20,7 +20,7 @@ from flax import nnx
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from dsv2_jax.ops.attention_backend import lowering_platform, select, sequence_attention
+from dsv2_jax.ops.attention_backend import lowering_platform, paged_decode_attention, select, sequence_attention
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.infer.decode import decode_step, prefill
 from dsv2_jax.infer.latent_cache import LatentCache
@@ -95,6 +95,28 @@ def test_decode_kernel(platform):
     args = (sds((BATCH, h, c)), sds((BATCH, h, r)), sds((2, BATCH, MAX_LEN, c)), sds((2, BATCH, MAX_LEN, r)),
             sds((BATCH,), jnp.int32), sds((), jnp.int32))
     check_module(lower(fn, args, platform), platform)
+
+
+@pytest.mark.parametrize("platform,page,dtype,kernel", [
+    ("tpu", 64, jnp.bfloat16, True), ("cuda", 64, jnp.bfloat16, True), ("cuda", 128, jnp.bfloat16, True),
+    ("cuda", 16, jnp.bfloat16, False), ("cuda", 64, jnp.float32, False),
+])
+def test_paged_decode_kernel(platform, page, dtype, kernel):
+    """Paged decode through attention_backend's dispatch: the platform's kernel reads one layer of the page pool
+    through the block table (Hopper: pages of whole 64-row blocks in bf16); other pools take the gather path."""
+    h, c, r, n = CFG.num_attention_heads, CFG.kv_lora_rank, CFG.qk_rope_head_dim, MAX_LEN // page
+    fn = lambda q, qr, ckv, kr, bt, lens, i: paged_decode_attention("auto", q, qr, ckv, kr, bt, lens, scale=0.1,
+                                                                    layer=i)
+    args = (sds((BATCH, h, c), dtype), sds((BATCH, h, r), dtype), sds((2, BATCH * n, page, c), dtype),
+            sds((2, BATCH * n, page, r), dtype), sds((BATCH, n), jnp.int32), sds((BATCH,), jnp.int32),
+            sds((), jnp.int32))
+    text = lower(fn, args, platform)
+    gathered = re.search(rf"tensor<{BATCH}x{MAX_LEN}x{c}x", text)  # the rows' pages copied out as [B, N·page, C]
+    if kernel:
+        check_module(text, platform)
+        assert not gathered  # the kernel reads the pool in place
+    else:
+        assert gathered and not any(custom_calls(text)[t] for t in KERNEL_CALLS[platform])
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -56,3 +56,10 @@ def test_paged_kernel_lowers_for_tpu():
     fn = lambda *a: paged_mla_decode(*a, scale=0.3, layer=1, backend="mosaic_tpu")
     exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(q_lat, q_rope, ckv, krope, tables, lens)
     assert "paged_mla_decode" in exported.mlir_module()
+
+
+def test_hopper_paged_kernel_rejects_pools_it_cannot_read():
+    """The Hopper variant takes bf16/fp16 pools of whole 64-row pages only (attention_backend routes others to xla)."""
+    args = _case([5, 17], dtype=jnp.float32)
+    with pytest.raises(ValueError, match="page size 8"):
+        paged_mla_decode(*args, scale=0.3, layer=1, backend="mosaic_gpu")

@@ -9,13 +9,14 @@
 | pallas         | cpu      | `interpret`: kernels_pallas.flash_mla         | `interpret`: kernels_pallas.mla_decode  |
 
 Decode over the paged serving cache (`paged_decode_attention`) uses `kernels_pallas.paged_mla_decode` with the same
-choice; it has no Hopper variant yet, so `mosaic_gpu` runs its gather reference. The caches (infer/latent_cache.py,
-serve/paged_cache.py) call the decode cores with their own layout and layer index.
+choice (its Hopper variant is the same kernel reading pages through the block table). The caches
+(infer/latent_cache.py, serve/paged_cache.py) call the decode cores with their own layout and layer index.
 
-The Hopper decode kernel needs query and cache in one 16-bit dtype and a cache length of whole blocks; other
-caches decode with `xla` (`decode_kernel`). Under a mesh context (`jax.set_mesh` / `use_abstract_mesh`) the Pallas and
-tokamax cores run inside `shard_map` (batch over the batch axes, heads over "tensor"), because XLA cannot
-partition a kernel's custom call and would otherwise gather its operands onto every device.
+The Hopper decode kernel needs query and cache in one 16-bit dtype and a cache length (paged: a page size) of whole
+blocks; other caches decode with `xla` (`decode_kernel`). Under a mesh context (`jax.set_mesh` /
+`use_abstract_mesh`) the Pallas and tokamax cores run inside `shard_map` (batch over the batch axes, heads over
+"tensor"), because XLA cannot partition a kernel's custom call and would otherwise gather its operands onto every
+device.
 
 The platform is JAX's default backend unless the context mesh names a target device (an `AbstractMesh` with an
 `abstract_device`) or `lowering_platform("tpu" | "cuda")` names it, so `jax.export(..., platforms=[...])` on a
@@ -190,5 +191,6 @@ def decode_attention(impl: str, q_lat, q_rope, ckv, krope, lengths, *, scale, la
 def paged_decode_attention(impl: str, q_lat, q_rope, ckv, krope, block_tables, lengths, *, scale, layer):
     """`decode_attention` over a paged pool: ckv [L,P,page,C], krope [L,P,page,R], block_tables [B,N] page ids
     of each row; row b attends to its positions < lengths[b]. Returns o_lat [B,H,C] in q_lat's dtype."""
+    kernel = decode_kernel(impl, current_platform(), q_lat.dtype, ckv.dtype, ckv.shape[2])  # page size as length
     return paged_mla_decode(q_lat, q_rope, ckv, krope, block_tables, lengths, scale=scale, layer=layer,
-                            backend=select(impl, current_platform(), "decode"))[0]
+                            backend=kernel)[0]
