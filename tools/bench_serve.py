@@ -43,6 +43,7 @@ from dsv2_jax.config import ModelConfig
 from dsv2_jax.infer.engine import MIN_BUCKET, DecodeEngine, decode_and_sample, prefill_and_sample
 from dsv2_jax.infer.latent_cache import LatentCache
 from dsv2_jax.model.transformer import init_model
+from dsv2_jax.serve.page_allocator import PageAllocator
 from dsv2_jax.serve.paged_cache import pages_for_budget
 from dsv2_jax.serve.request import Request, SamplingParams
 from dsv2_jax.serve.scheduler import Scheduler, compiled_shapes
@@ -83,6 +84,8 @@ def make_scheduler(model, pages: int, max_running: int, args) -> Scheduler:
 def run_continuous(sched: Scheduler, work) -> tuple[list[list[float]], dict]:
     """Token timestamps (s since start) per request, through the Scheduler stepping in real time; and the
     scheduler's step-time breakdown over this run."""
+    assert sched.pages_in_use == 0
+    sched.allocator = PageAllocator(sched.cache.num_pages)  # an empty prefix cache: no hits from an earlier run
     reqs = [Request(str(i), p, SamplingParams(max_tokens=n)) for i, (_, p, n) in enumerate(work)]
     times: list[list[float]] = [[] for _ in work]
     before = dict(sched.timings, steps=sched.counters["steps"])
