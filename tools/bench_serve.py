@@ -2,11 +2,18 @@
 DecodeEngine in fixed batches, in one run. Reports throughput, p50/p99 TTFT and TPOT, and the scheduler's step-time
 breakdown.
 
+Two comparisons, as rows of one table against the same static run:
+  * equal memory (the default, as vLLM/sglang compare): the paged pool gets the static engine's cache bytes
+    (--static-batch rows x --max-model-len tokens), and --max-running defaults to what that pool holds of this
+    workload's typical request, (pool pages - trash page) // ceil((mean prompt + mean output) / page size),
+    rounded down to a power of two (the scheduler pads a call's rows to one: 42 slots would compute 64 rows);
+  * equal slots: the same pool, --static-batch running sequences.
+
 Both engines run the same random model (config preset, default "tiny") on this host's default device, in real time,
 on the same requests (same prompts, output lengths and arrival times, from --seed): each only sees requests that
 have arrived.
-  * continuous: `Scheduler` with --max-running slots, admitting and retiring requests at every step;
-  * static: `DecodeEngine` in batches of --static-batch (default: --max-running) formed in arrival order: a batch
+  * continuous: `Scheduler` with a slot count (above), admitting and retiring requests at every step;
+  * static: `DecodeEngine` in batches of --static-batch formed in arrival order: a batch
     starts when the engine is free and either --static-batch requests are waiting or the oldest has waited
     --batch-timeout s (or no more will arrive); it decodes until its longest request is done. Its shapes are
     fixed: partial batches are padded to --static-batch rows, the cache is --max-model-len long.
@@ -16,22 +23,28 @@ exact (no EOS), so both engines produce the same tokens.
 
   python tools/bench_serve.py --requests 64 --rate 100 --repeats 2 --json results.jsonl
   python tools/bench_serve.py --pool-sweep 129,2049,8193     # paged step time vs page-pool size
+  python tools/bench_serve.py --batch-sweep 8,16,32,64       # decode step time vs batch, both engines
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.infer.engine import MIN_BUCKET, DecodeEngine, decode_and_sample, prefill_and_sample
+from dsv2_jax.infer.latent_cache import LatentCache
 from dsv2_jax.model.transformer import init_model
+from dsv2_jax.serve.page_allocator import PageAllocator
+from dsv2_jax.serve.paged_cache import pages_for_budget
 from dsv2_jax.serve.request import Request, SamplingParams
 from dsv2_jax.serve.scheduler import Scheduler, compiled_shapes
 
@@ -49,10 +62,21 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def make_scheduler(model, args) -> Scheduler:
-    # The pool holds max_running full-length sequences, as the static engine's cache holds its batch.
-    pages = args.max_running * -(-args.max_model_len // args.page_size) + 1
-    return Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=args.max_running,
+def static_cache_bytes(cfg, args) -> int:
+    """The static engine's latent cache: --static-batch rows of --max-model-len tokens."""
+    return LatentCache.zeros(cfg, args.static_batch, args.max_model_len, jnp.float32).nbytes
+
+
+def equal_memory_slots(pages: int, args) -> int:
+    """Sequences a pool of `pages` (trash page included) holds at this workload's mean request length, rounded
+    down to a power of two (the batch bucket)."""
+    mean_len = sum(args.prompt_len) / 2 - 0.5 + sum(args.output_len) / 2 - 0.5  # uniform [lo, hi) means
+    fits = max((pages - 1) // math.ceil(mean_len / args.page_size), 1)
+    return 1 << (fits.bit_length() - 1)
+
+
+def make_scheduler(model, pages: int, max_running: int, args) -> Scheduler:
+    return Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=max_running,
                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
                      cache_dtype=jnp.float32, max_model_len=args.max_model_len)
 
@@ -60,6 +84,8 @@ def make_scheduler(model, args) -> Scheduler:
 def run_continuous(sched: Scheduler, work) -> tuple[list[list[float]], dict]:
     """Token timestamps (s since start) per request, through the Scheduler stepping in real time; and the
     scheduler's step-time breakdown over this run."""
+    assert sched.pages_in_use == 0
+    sched.allocator = PageAllocator(sched.cache.num_pages)  # an empty prefix cache: no hits from an earlier run
     reqs = [Request(str(i), p, SamplingParams(max_tokens=n)) for i, (_, p, n) in enumerate(work)]
     times: list[list[float]] = [[] for _ in work]
     before = dict(sched.timings, steps=sched.counters["steps"])
@@ -133,9 +159,8 @@ def summarize(name: str, work, times) -> dict:
 
 def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
     """Median ms of one paged step (decode [B,1] and a prefill chunk [B,16]) per pool size, interleaved."""
-    b, w = args.max_running, -(-args.max_model_len // args.page_size)
-    scheds = {p: Scheduler(model, page_size=args.page_size, num_pages=p, max_running=b, cache_dtype=jnp.float32,
-                           max_model_len=args.max_model_len) for p in pools}
+    b, w = args.static_batch, -(-args.max_model_len // args.page_size)
+    scheds = {p: make_scheduler(model, p, b, args) for p in pools}
 
     def call(p, t):
         z = np.zeros(b, np.int32)
@@ -157,6 +182,46 @@ def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
     print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
 
 
+def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
+    """Median ms of one decode step per batch size, interleaved: the paged step [B,1] at a 160-token context
+    (3 pages) and the static engine's step over its [B, --max-model-len] cache (same context)."""
+    cfg, ctx = model.config, 160
+    pages = -(-ctx // args.page_size)
+    sched = make_scheduler(model, max(batches) * pages + 1, max(batches), args)
+    engine = DecodeEngine(model, max_len=args.max_model_len, cache_dtype=jnp.float32)
+    knobs = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+    key = jax.random.key(0)
+    static_caches = {}
+    for b in batches:  # a cache holding ctx tokens per row, from the engine's own prefill
+        tokens, lengths, cache = engine.batch([[5] * ctx] * b, 2)
+        _, _, static_caches[b] = prefill_and_sample(engine.graphdef, engine.state, cache, tokens, lengths, key, *knobs)
+
+    def paged(b):
+        z = np.zeros(b, np.int32)
+        tables = np.zeros((b, sched._width(pages)), np.int32)
+        tables[:, :pages] = np.arange(1, b * pages + 1).reshape(b, pages)
+        return sched._call(np.ones((b, 1), np.int32), np.full(b, ctx, np.int32), np.ones(b, np.int32), tables,
+                           z, z, np.zeros(b, np.float32), z, np.ones(b, np.float32))
+
+    def static(b):
+        tok, _, static_caches[b] = decode_and_sample(engine.graphdef, engine.state, static_caches[b],
+                                                     jnp.ones(b, jnp.int32), key, jnp.int32(1), *knobs)
+        return tok
+
+    res = {(b, f): [] for b in batches for f in (paged, static)}
+    for k in range(rounds + 2):
+        for (b, f), ts in res.items():
+            s = time.perf_counter()
+            f(b).block_until_ready()
+            if k >= 2:  # the static cache grows by one token a round: ctx + 17 at most, same work per step
+                ts.append(time.perf_counter() - s)
+    print("| B | paged decode ms | paged tok/s | static decode ms | static tok/s |\n|---|---|---|---|---|")
+    for b in batches:
+        mp, ms = np.median(res[(b, paged)]), np.median(res[(b, static)])
+        print(f"| {b} | {mp * 1e3:.2f} | {b / mp:.0f} | {ms * 1e3:.2f} | {b / ms:.0f} |")
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -164,42 +229,57 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="mean arrivals per second")
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(8, 192), help="uniform range [lo, hi)")
     ap.add_argument("--output-len", type=int, nargs=2, default=(8, 128), help="uniform range [lo, hi)")
-    ap.add_argument("--max-running", type=int, default=16)
-    ap.add_argument("--static-batch", type=int, default=None, help="default: --max-running")
+    ap.add_argument("--static-batch", type=int, default=16, help="the static engine's batch (and equal-slots slots)")
+    ap.add_argument("--max-running", type=int, default=None,
+                    help="continuous slots at equal memory (default: what the pool holds of the mean request)")
     ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
     ap.add_argument("--max-tokens-per-step", type=int, default=256)
     ap.add_argument("--max-prefill-chunk", type=int, default=None)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--no-equal-slots", action="store_true", help="skip the equal-slots row")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per engine, alternating; medians reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-sweep", default=None, help="comma-separated page counts: time the paged step only")
+    ap.add_argument("--batch-sweep", default=None, help="comma-separated batch sizes: time both decode steps only")
     ap.add_argument("--json", default=None, help="append the result rows to this JSONL file")
     args = ap.parse_args()
-    args.static_batch = args.static_batch or args.max_running
 
     cfg = ModelConfig.preset(args.preset)
     model = init_model(cfg, seed=0)
     if args.pool_sweep:
         pool_sweep(model, [int(p) for p in args.pool_sweep.split(",")], args)
         return
+    if args.batch_sweep:
+        batch_sweep(model, [int(b) for b in args.batch_sweep.split(",")], args)
+        return
     work = make_workload(args.requests, args.rate, args.prompt_len, args.output_len, cfg.vocab_size, args.seed)
-    sched = make_scheduler(model, args)
+    pages = pages_for_budget(cfg, args.page_size, jnp.float32, static_cache_bytes(cfg, args))
+    slots = args.max_running or equal_memory_slots(pages, args)
+    modes = {f"continuous, equal memory ({slots} slots)": slots}
+    if not args.no_equal_slots:
+        modes[f"continuous, equal slots ({args.static_batch} slots)"] = args.static_batch
+    print(f"pool: {pages} pages of {args.page_size} = the static cache's {static_cache_bytes(cfg, args)} B",
+          file=sys.stderr)
+    scheds = {name: make_scheduler(model, pages, n, args) for name, n in modes.items()}
     t = time.perf_counter()
-    print(f"compiled {sched.warmup()} scheduler shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    shapes = sum(s.warmup() for s in scheds.values())
+    print(f"compiled {shapes} scheduler shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     t = time.perf_counter()
     engine = static_engine(model, args)
     print(f"compiled the static engine's shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     compiles = (compiled_shapes(), prefill_and_sample._cache_size(), decode_and_sample._cache_size())
-    runs: dict[str, list[dict]] = {"continuous": [], "static": []}
-    breakdowns = []
+    static_name = f"static DecodeEngine, batches of {args.static_batch}"
+    runs: dict[str, list[dict]] = {name: [] for name in [*modes, static_name]}
+    breakdowns: dict[str, list[dict]] = {name: [] for name in modes}
     loads = [os.getloadavg()[0]]
     for k in range(args.repeats):
         print(f"timed run {k + 1}/{args.repeats}", file=sys.stderr)
-        times, breakdown = run_continuous(sched, work)
-        runs["continuous"].append(summarize("continuous", work, times))
-        breakdowns.append(breakdown)
-        runs["static"].append(summarize("static", work, run_static(engine, work, args)))
+        for name, sched in scheds.items():
+            times, breakdown = run_continuous(sched, work)
+            runs[name].append(summarize(name, work, times))
+            breakdowns[name].append(breakdown)
+        runs[static_name].append(summarize(static_name, work, run_static(engine, work, args)))
         loads.append(os.getloadavg()[0])
     recompiled = (compiled_shapes(), prefill_and_sample._cache_size(), decode_and_sample._cache_size()) != compiles
 
@@ -207,10 +287,10 @@ def main() -> None:
     for name, rs in runs.items():
         row = {k: (v if isinstance(v, str) else float(np.median([r[k] for r in rs]))) for k, v in rs[0].items()}
         rows.append(row)
-    base = rows[1]["throughput_tok_s"]
+    base = rows[-1]["throughput_tok_s"]
     for r in rows:
-        r.update(throughput_x=r["throughput_tok_s"] / base, loadavg_1m=loads, rate=args.rate,
-                 static_batch=args.static_batch, max_running=args.max_running, preset=args.preset,
+        r.update(throughput_x=r["throughput_tok_s"] / base, loadavg_1m=loads, rate=args.rate, pool_pages=pages,
+                 static_batch=args.static_batch, max_running=modes.get(r["engine"]), preset=args.preset,
                  repeats=args.repeats, recompiled=recompiled)
     cols = ["engine", "throughput_tok_s", "throughput_x", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
             "makespan_s", "output_tokens"]
@@ -218,20 +298,22 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    bd = {k: sum(b[k] for b in breakdowns) for k in breakdowns[0]}
-    steps = max(bd["steps"], 1)
-    print(f"continuous, {bd['steps']} steps: ms/step " + ", ".join(
-        f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "decode_s", "prefill_s",
-                                                         "finish_s")) +
-        f"; ms/call decode {bd['decode_s'] / max(bd['decode_calls'], 1) * 1e3:.2f} ({bd['decode_calls']} calls), "
-        f"prefill {bd['prefill_s'] / max(bd['prefill_calls'], 1) * 1e3:.2f} ({bd['prefill_calls']} calls, "
-        f"{bd['prefill_tokens']} tokens in {bd['prefill_slots']} padded slots)")
+    totals = {}
+    for name, bds in breakdowns.items():
+        bd = totals[name] = {k: sum(b[k] for b in bds) for k in bds[0]}
+        steps = max(bd["steps"], 1)
+        print(f"{name}, {bd['steps']} steps: ms/step " + ", ".join(
+            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "decode_s", "prefill_s",
+                                                             "finish_s")) +
+            f"; ms/call decode {bd['decode_s'] / max(bd['decode_calls'], 1) * 1e3:.2f} ({bd['decode_calls']} calls), "
+            f"prefill {bd['prefill_s'] / max(bd['prefill_calls'], 1) * 1e3:.2f} ({bd['prefill_calls']} calls, "
+            f"{bd['prefill_tokens']} tokens in {bd['prefill_slots']} padded slots)")
     print(f"recompiled during timed runs: {recompiled}; load average (1 min) per run: "
           + ", ".join(f"{x:.2f}" for x in loads))
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
-                f.write(json.dumps(dict(r, breakdown=bd)) + "\n")
+                f.write(json.dumps(dict(r, breakdown=totals.get(r["engine"]))) + "\n")
 
 
 if __name__ == "__main__":
