@@ -225,7 +225,7 @@ time.sleep(300)
 def test_one_run_per_workdir_and_a_dead_holder_does_not_block(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT / "dsv2_jax" / "workdir_lock.py"),
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT / "dsv2_jax" / "train" / "workdir_lock.py"),
                                str(workdir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
