@@ -86,22 +86,17 @@ def combine_splits(o_part, lse_part, dtype):
     return o.astype(dtype), lse
 
 
-def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits, interpret):
+def tpu_decode_call(kernel, prefetch, q_lat, q_rope, ckv, krope, *, kv_map, block_t, bps, num_splits, scale,
+                    interpret, name):
+    """The Mosaic TPU flash-decoding launch shared by the dense and the paged cache: grid (row, split, block),
+    scalar-prefetch operands `prefetch` (lengths, layer, ...) that every index map receives, and kv_map giving
+    the (layer, ·, ·, 0) address of block j of a cache [L, ·, ·, C]. Returns (o_lat [B,H,C], lse [B,H])."""
     b, h, c = q_lat.shape
-    t, r = ckv.shape[2], krope.shape[3]
-    n_blocks = pl.cdiv(t, block_t)
-    bps = pl.cdiv(n_blocks, num_splits)
-
-    def kv_map(bi, si, ji, len_ref, layer_ref):
-        # Clamp to the last block holding valid entries: repeated indices are not
-        # re-fetched by the TPU pipeline, so no bandwidth is spent past the length.
-        last = jnp.maximum(pl.cdiv(len_ref[bi], block_t) - 1, 0)
-        return layer_ref[0], bi, jnp.minimum(si * bps + ji, last), 0
-
-    q_map = lambda bi, si, ji, len_ref, layer_ref: (bi, 0, 0)
-    out_map = lambda bi, si, ji, len_ref, layer_ref: (bi, si, 0, 0)
+    r = krope.shape[3]
+    q_map = lambda bi, si, ji, *_: (bi, 0, 0)
+    out_map = lambda bi, si, ji, *_: (bi, si, 0, 0)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=len(prefetch),
         grid=(b, num_splits, bps),
         in_specs=[
             pl.BlockSpec((1, h, c), q_map),
@@ -116,7 +111,7 @@ def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t,
             pltpu.VMEM((h, c), jnp.float32),
         ],
     )
-    kernel = functools.partial(_decode_kernel, scale=scale, block_t=block_t, blocks_per_split=bps)
+    kernel = functools.partial(kernel, scale=scale, block_t=block_t, blocks_per_split=bps)
     f32 = jnp.float32
     o_part, lse_part = pl.pallas_call(
         kernel,
@@ -126,9 +121,23 @@ def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t,
         compiler_params=None
         if interpret
         else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        name="mla_decode",
-    )(lengths, layer, q_lat, q_rope, ckv, krope)
+        name=name,
+    )(*prefetch, q_lat, q_rope, ckv, krope)
     return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
+
+
+def _decode_pallas(q_lat, q_rope, ckv, krope, lengths, layer, *, scale, block_t, num_splits, interpret):
+    bps = pl.cdiv(pl.cdiv(ckv.shape[2], block_t), num_splits)
+
+    def kv_map(bi, si, ji, len_ref, layer_ref):
+        # Clamp to the last block holding valid entries: repeated indices are not
+        # re-fetched by the TPU pipeline, so no bandwidth is spent past the length.
+        last = jnp.maximum(pl.cdiv(len_ref[bi], block_t) - 1, 0)
+        return layer_ref[0], bi, jnp.minimum(si * bps + ji, last), 0
+
+    return tpu_decode_call(_decode_kernel, (lengths, layer), q_lat, q_rope, ckv, krope, kv_map=kv_map,
+                           block_t=block_t, bps=bps, num_splits=num_splits, scale=scale, interpret=interpret,
+                           name="mla_decode")
 
 
 # -- Hopper (Mosaic GPU) variant ------------------------------------------------

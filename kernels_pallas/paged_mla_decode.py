@@ -13,11 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.backends import resolve_backend
-from kernels_pallas.mla_decode import (_decode_gpu, _decode_kernel, _default_block, combine_splits, decode_supported,
-                                      gpu_num_splits)
+from kernels_pallas.mla_decode import (_decode_gpu, _decode_kernel, _default_block, decode_supported, gpu_num_splits,
+                                      tpu_decode_call)
 from kernels_pallas.reference import mla_decode_reference
 
 
@@ -39,43 +38,17 @@ def _paged_kernel(len_ref, layer_ref, bt_ref, *refs, **kw):
 
 
 def _paged_pallas(q_lat, q_rope, ckv, krope, block_tables, lengths, layer, *, scale, num_splits, interpret):
-    b, h, c = q_lat.shape
-    page, r = ckv.shape[2], krope.shape[3]
-    n_blocks = block_tables.shape[1]
-    bps = pl.cdiv(n_blocks, num_splits)
+    page = ckv.shape[2]
+    bps = pl.cdiv(block_tables.shape[1], num_splits)
 
     def kv_map(bi, si, ji, len_ref, layer_ref, bt_ref):
         # Clamped to the row's last valid page: a repeated block index is not re-fetched.
         last = jnp.maximum(pl.cdiv(len_ref[bi], page) - 1, 0)
-        return layer_ref[0], bt_ref[bi, jnp.minimum(si * bps + ji, last)], 0, 0
+        return layer_ref[0], bt_ref[bi, jnp.minimum(si * bps + ji, last)], 0, 0  # the page dim is the kernel's 1
 
-    q_map = lambda bi, si, ji, *_: (bi, 0, 0)
-    out_map = lambda bi, si, ji, *_: (bi, si, 0, 0)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, num_splits, bps),
-        in_specs=[
-            pl.BlockSpec((1, h, c), q_map),
-            pl.BlockSpec((1, h, r), q_map),
-            pl.BlockSpec((None, 1, page, c), kv_map),  # layer squeezed; the page dim stays as _decode_kernel's 1
-            pl.BlockSpec((None, 1, page, r), kv_map),
-        ],
-        out_specs=[pl.BlockSpec((1, 1, h, c), out_map), pl.BlockSpec((1, 1, h, 1), out_map)],
-        scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
-                        pltpu.VMEM((h, c), jnp.float32)],
-    )
-    kernel = functools.partial(_paged_kernel, scale=scale, block_t=page, blocks_per_split=bps)
-    f32 = jnp.float32
-    o_part, lse_part = pl.pallas_call(
-        kernel,
-        out_shape=[jax.ShapeDtypeStruct((b, num_splits, h, c), f32), jax.ShapeDtypeStruct((b, num_splits, h, 1), f32)],
-        grid_spec=grid_spec,
-        interpret=interpret,
-        compiler_params=None if interpret
-        else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        name="paged_mla_decode",
-    )(lengths, layer, block_tables, q_lat, q_rope, ckv, krope)
-    return combine_splits(o_part, lse_part[..., 0], q_lat.dtype)
+    return tpu_decode_call(_paged_kernel, (lengths, layer, block_tables), q_lat, q_rope, ckv, krope, kv_map=kv_map,
+                           block_t=page, bps=bps, num_splits=num_splits, scale=scale, interpret=interpret,
+                           name="paged_mla_decode")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "backend"))
