@@ -64,7 +64,7 @@ def run(scheduler, work, cancel=()):
 def test_continuous_batching_matches_offline(model, offline):
     # 11 usable pages: four running sequences of up to 4 pages do not fit, so the youngest gets preempted.
     sched = Scheduler(model, num_pages=12, **KNOBS)
-    assert sched.warmup() == 3 * 2  # batch 1/2/4 x chunk 1/16, one table width
+    assert sched.warmup() == 3 * 2  # token rows 8/16/32 x table widths 2/4 pages
     compiled = compiled_shapes()
     pool = sched.cache.ckv[0]
     cancel = (5, 11, 17)

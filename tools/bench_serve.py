@@ -157,16 +157,27 @@ def summarize(name: str, work, times) -> dict:
             "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99))}
 
 
+def paged_rows(sched: Scheduler, tables, start: int, chunk: int):
+    """One greedy paged step of len(tables) sequences, each computing `chunk` tokens from position `start`:
+    chunk x len(tables) token rows (sequence b's tables[b]); returns the sampled tokens (a device array)."""
+    b = len(tables)
+    n = b * chunk
+    packed = np.stack([np.ones(n, np.int32), np.tile(np.arange(start, start + chunk, dtype=np.int32), b),
+                       np.ones(n, np.int32)])
+    knobs = np.zeros((4, min(n, sched.batch_cap)), np.int32)
+    knobs[0, :b] = np.arange(b) * chunk + chunk - 1
+    probs = np.stack([np.zeros(knobs.shape[1], np.float32), np.ones(knobs.shape[1], np.float32)])
+    return sched._call(packed, np.repeat(tables, chunk, axis=0), knobs, probs)
+
+
 def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
-    """Median ms of one paged step (decode [B,1] and a prefill chunk [B,16]) per pool size, interleaved."""
+    """Median ms of one paged step (B decode rows, and B 16-token prefill chunks) per pool size, interleaved."""
     b, w = args.static_batch, -(-args.max_model_len // args.page_size)
-    scheds = {p: make_scheduler(model, p, b, args) for p in pools}
+    scheds = {p: make_scheduler(model, p, b, argparse.Namespace(**dict(vars(args), max_tokens_per_step=16 * b))) for p in pools}
 
     def call(p, t):
-        z = np.zeros(b, np.int32)
         tables = (np.arange(b * w).reshape(b, w) % (p - 1) + 1).astype(np.int32)
-        return scheds[p]._call(np.ones((b, t), np.int32), np.full(b, 100, np.int32), np.full(b, t, np.int32),
-                               tables, z, z, np.zeros(b, np.float32), z, np.ones(b, np.float32))
+        return paged_rows(scheds[p], tables, 100, t)
 
     res = {(p, t): [] for p in pools for t in (1, 16)}
     for k in range(rounds + 2):
@@ -175,7 +186,7 @@ def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
             call(p, t).block_until_ready()
             if k >= 2:
                 res[(p, t)].append(time.perf_counter() - s)
-    print(f"| pages | pool MiB | decode [{b},1] ms | prefill [{b},16] ms |\n|---|---|---|---|")
+    print(f"| pages | pool MiB | decode {b} rows ms | prefill {b}x16 rows ms |\n|---|---|---|---|")
     for p in pools:
         print(f"| {p} | {scheds[p].cache.nbytes / 2**20:.1f} | {np.median(res[(p, 1)]) * 1e3:.2f} | "
               f"{np.median(res[(p, 16)]) * 1e3:.2f} |")
@@ -187,7 +198,8 @@ def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
     (3 pages) and the static engine's step over its [B, --max-model-len] cache (same context)."""
     cfg, ctx = model.config, 160
     pages = -(-ctx // args.page_size)
-    sched = make_scheduler(model, max(batches) * pages + 1, max(batches), args)
+    sched = make_scheduler(model, max(batches) * pages + 1, max(batches),
+                           argparse.Namespace(**dict(vars(args), max_tokens_per_step=max(batches))))
     engine = DecodeEngine(model, max_len=args.max_model_len, cache_dtype=jnp.float32)
     knobs = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
     key = jax.random.key(0)
@@ -197,11 +209,9 @@ def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
         _, _, static_caches[b] = prefill_and_sample(engine.graphdef, engine.state, cache, tokens, lengths, key, *knobs)
 
     def paged(b):
-        z = np.zeros(b, np.int32)
         tables = np.zeros((b, sched._width(pages)), np.int32)
         tables[:, :pages] = np.arange(1, b * pages + 1).reshape(b, pages)
-        return sched._call(np.ones((b, 1), np.int32), np.full(b, ctx, np.int32), np.ones(b, np.int32), tables,
-                           z, z, np.zeros(b, np.float32), z, np.ones(b, np.float32))
+        return paged_rows(sched, tables, ctx, 1)
 
     def static(b):
         tok, _, static_caches[b] = decode_and_sample(engine.graphdef, engine.state, static_caches[b],
@@ -233,7 +243,7 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=None,
                     help="continuous slots at equal memory (default: what the pool holds of the mean request)")
     ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
-    ap.add_argument("--max-tokens-per-step", type=int, default=256)
+    ap.add_argument("--max-tokens-per-step", type=int, default=64, help="token rows per continuous step")
     ap.add_argument("--max-prefill-chunk", type=int, default=None)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
@@ -303,11 +313,9 @@ def main() -> None:
         bd = totals[name] = {k: sum(b[k] for b in bds) for k in bds[0]}
         steps = max(bd["steps"], 1)
         print(f"{name}, {bd['steps']} steps: ms/step " + ", ".join(
-            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "decode_s", "prefill_s",
-                                                             "finish_s")) +
-            f"; ms/call decode {bd['decode_s'] / max(bd['decode_calls'], 1) * 1e3:.2f} ({bd['decode_calls']} calls), "
-            f"prefill {bd['prefill_s'] / max(bd['prefill_calls'], 1) * 1e3:.2f} ({bd['prefill_calls']} calls, "
-            f"{bd['prefill_tokens']} tokens in {bd['prefill_slots']} padded slots)")
+            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "call_s", "finish_s")) +
+            f"; {bd['prefill_steps']} steps with prefill; {bd['tokens']} tokens ({bd['prefill_tokens']} prefill) "
+            f"in {bd['rows']} token rows ({bd['tokens'] / max(bd['rows'], 1):.0%} used)")
     print(f"recompiled during timed runs: {recompiled}; load average (1 min) per run: "
           + ", ".join(f"{x:.2f}" for x in loads))
     if args.json:

@@ -1,16 +1,18 @@
-"""One jitted forward over the paged latent cache: chunked prefill and decode are the same function.
+"""One jitted forward over the paged latent cache per scheduler step: decode tokens and prefill chunks packed.
 
-A batch is B rows of up to T new tokens each: row b continues its sequence at position starts[b] with n_new[b]
-tokens (decode: T = 1). It is the ONE DeepseekV2 forward, called with the pool addressed by this batch's block
-tables (`PagedLatentCache.for_batch`): every layer writes the new tokens' c_KV / k_rope into their pages (padding
-writes go to the trash page) and attends with weight absorption over the row's pages (serve/paged_cache.py):
-  * T = 1 (decode): `kernels_pallas.paged_mla_decode`, the Pallas kernel or its gather reference by the model's
-    attention_impl;
-  * T > 1 (prefill chunks): the pages are gathered and `MLA.attend_absorbed` runs with a causal mask over
-    absolute positions, so a chunk sees the earlier chunks (and shared prefix pages) through the cache.
-The next token of each row is sampled from the logits at its last new token, per row: temperature, top-k,
-top-p and a key folded from (seed, index of the token being generated), so a request's samples do not depend on
-what else is in the batch.
+A step is N token rows, one new token each, of any mix of sequences (Sarathi / vLLM-style mixed batches): row i is
+token tokens[i] of the sequence whose block table is block_tables[i], at position positions[i]; a prefill chunk of
+n tokens is n consecutive rows sharing one table, a decoding sequence one row. Padding rows (valid 0) write to the
+trash page. It is the ONE DeepseekV2 forward, called as a [N, 1] batch with the pool addressed by the rows' tables
+(`PagedLatentCache.for_batch`): token-wise work (projections, MoE, norms) costs N rows, not rows × chunk bucket,
+and there is one call per step whatever mix it holds. In every layer all N rows write their c_KV / k_rope into their
+pages first, then each row attends over its table's positions <= its own (lengths = position + 1) with the paged
+decode kernel (`kernels_pallas.paged_mla_decode`, or its gather reference by the model's attention_impl) — so a
+chunk's tokens see each other, the earlier chunks and any shared prefix pages, causally, in one call.
+
+Only each sequence's last row of the step is sampled: sample_idx [R] picks those rows' hidden states for the
+vocabulary projection, then temperature, top-k, top-p and a key folded from (seed, index of the token being
+generated), per sequence, so a request's samples do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -24,31 +26,37 @@ from dsv2_jax.infer.sampling import sample
 from dsv2_jax.serve.paged_cache import PagedLatentCache
 
 
-def paged_forward(model: DeepseekV2, cache: PagedLatentCache, tokens, starts, n_new, block_tables):
-    """tokens [B,T] int32, starts [B], n_new [B] (0..T; 0 = padding row), block_tables [B,N] page ids covering
-    positions < starts + n_new → (logits [B,V] fp32 at each row's last new token, cache with the tokens written).
-    """
-    offs = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    positions = starts[:, None] + offs                                           # [B,T]
-    h, batch, _ = model.forward(tokens, positions, cache=cache.for_batch(block_tables, n_new),
-                                token_mask=offs[None, :] < n_new[:, None])
-    last = jnp.take_along_axis(h, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)  # [B,1,D]
-    return model.logits(last)[:, 0], batch.pool
+def packed_forward(model: DeepseekV2, cache: PagedLatentCache, tokens, positions, valid, block_tables, sample_idx):
+    """tokens, positions, valid [N] int32 (valid 0: a padding row); block_tables [N, W] page ids covering each
+    row's positions <= positions[i]; sample_idx [R] rows to project → (logits [R, V] fp32, cache with the tokens
+    written)."""
+    h, batch, _ = model.forward(tokens[:, None], positions[:, None], cache=cache.for_batch(block_tables, valid),
+                                token_mask=valid[:, None] > 0)
+    return model.logits(h[sample_idx])[:, 0], batch.pool
 
 
 def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
-    """Per-row sampling: logits [B,V]; seeds, steps, top_k [B] int32; temperature, top_p [B] fp32 → [B] int32."""
+    """Per-row sampling: logits [R,V]; seeds, steps, top_k [R] int32; temperature, top_p [R] fp32 → [R] int32.
+    An all-greedy batch skips the sort `sample` needs for top-k / top-p (same tokens: its greedy rows are argmax)."""
     def one(lg, seed, step, temp, k, p):
         return sample(lg[None], jax.random.fold_in(jax.random.key(seed), step), temp, k, p)[0]
-    return jax.vmap(one)(logits, seeds, steps, temperature, top_k, top_p)
+
+    return jax.lax.cond(jnp.any(temperature > 0),
+                        lambda: jax.vmap(one)(logits, seeds, steps, temperature, top_k, top_p),
+                        lambda: jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32))
 
 
-def _step_and_sample(graphdef, state, cache, tokens, starts, n_new, block_tables, seeds, steps, temperature, top_k,
-                     top_p):
-    logits, cache = paged_forward(nnx.merge(graphdef, state), cache, tokens, starts, n_new, block_tables)
+def _step_and_sample(graphdef, state, cache, rows, block_tables, knobs, probs):
+    tokens, positions, valid = rows
+    sample_idx, seeds, steps, top_k = knobs
+    temperature, top_p = probs
+    logits, cache = packed_forward(nnx.merge(graphdef, state), cache, tokens, positions, valid, block_tables,
+                                   sample_idx)
     return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
 
-# (graphdef, state, cache, tokens [B,T], starts, n_new, block_tables [B,N], seeds, steps, temperature, top_k,
-#  top_p) -> (next token per row [B], cache); the cache is donated.
+# (graphdef, state, cache, rows [3, N] int32 (tokens, positions, valid), block_tables [N, W] int32,
+#  knobs [4, R] int32 (sample_idx, seeds, steps, top_k), probs [2, R] fp32 (temperature, top_p))
+#  -> (next token per sampled row [R], cache). Four host arrays a step (each transfer has a fixed cost); the cache is
+# donated.
 step_and_sample = jax.jit(_step_and_sample, static_argnums=0, donate_argnums=2)

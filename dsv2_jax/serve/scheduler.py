@@ -6,8 +6,9 @@ Every `step()`:
      cannot be found, the youngest running request is preempted (pages freed, tokens kept, recomputed later);
   2. admits waiting requests into free slots (up to `max_running`) with what budget is left, first sharing any
      cached full-page prefix of their tokens;
-  3. runs at most two jitted calls — all 1-token rows [B,1], all longer chunks [B,T] — with batch, chunk and
-     block-table widths bucketed to powers of two, so steady state never recompiles;
+  3. runs ONE jitted call with every scheduled token as a row (paged_step.py: decode tokens and prefill chunks
+     packed, no per-chunk padding), token rows and block-table width bucketed to powers of two, so steady state
+     never recompiles;
   4. appends each row's sampled token where its chunk reached the end of its tokens, retires finished requests
      and frees their pages, and registers newly filled pages with the prefix cache.
 Not thread-safe: one thread owns a Scheduler (see async_engine.py).
@@ -30,8 +31,9 @@ from dsv2_jax.serve.paged_cache import PagedLatentCache, pages_for_budget
 from dsv2_jax.serve.paged_step import step_and_sample
 from dsv2_jax.serve.request import Request
 
-MIN_CHUNK_BUCKET = 16
-MIN_TABLE_BUCKET = 8  # block-table widths below 8 pages share one shape (the kernel skips pages past the length)
+# Floors of the two bucketed dimensions: below them a step's fixed cost dominates, and every bucket is a compilation.
+MIN_ROW_BUCKET = 8
+MIN_TABLE_BUCKET = 2
 
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -50,7 +52,7 @@ class Scheduler:
 
     page_size: tokens per page. num_pages (trash page included) or cache_memory_bytes sizes the pool (default
     256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
-    max_prefill_chunk: longest prefill chunk of one row (default max(page_size, max_tokens_per_step // 4)). max_model_len: prompt + output limit (default the
+    max_prefill_chunk: longest prefill chunk of one request (default max_tokens_per_step). max_model_len: prompt + output limit (default the
     model's max_position_embeddings, capped by the pool). cache_sharding places the pool (replicated on a mesh).
     """
 
@@ -71,23 +73,20 @@ class Scheduler:
         self.page_size = page_size
         self.max_running = max_running
         self.max_tokens_per_step = max_tokens_per_step
-        # Default chunk: a quarter of the step budget (at least a page). The prefill call computes [rows bucket x
-        # longest-chunk bucket]; one row taking the whole budget beside short ones would pad every row to it.
-        self.max_prefill_chunk = min(max_prefill_chunk or max(page_size, max_tokens_per_step // 4),
-                                     max_tokens_per_step)
+        self.max_prefill_chunk = min(max_prefill_chunk or max_tokens_per_step, max_tokens_per_step)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.batch_cap = _bucket(max_running, 1 << 30)
-        self.chunk_cap = _bucket(self.max_prefill_chunk, 1 << 30, MIN_CHUNK_BUCKET)
+        self.token_cap = _bucket(max_tokens_per_step, 1 << 30)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = dict(steps=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0, preemptions=0)
-        # Wall seconds per step phase, summed: schedule (Python planning), prepare (host arrays), decode / prefill
-        # (one call each: transfer, compute, sampled tokens back; on CPU a dispatch may itself run the program, so
-        # calls are timed to their result), finish (appending, retiring, prefix registration); calls per kind, and
-        # prefill tokens vs the padded [batch bucket x chunk bucket] slots computed for them.
-        self.timings = dict(schedule_s=0.0, prepare_s=0.0, decode_s=0.0, prefill_s=0.0, finish_s=0.0, decode_calls=0,
-                            prefill_calls=0, prefill_tokens=0, prefill_slots=0)
+        # Wall seconds per step phase, summed: schedule (Python planning), prepare (host arrays), call (transfer,
+        # compute, sampled tokens back; timed to its result), finish (appending, retiring, prefix registration);
+        # steps that carried prefill tokens, tokens computed (prefill among them) and the token rows (bucketed)
+        # computed for them.
+        self.timings = dict(schedule_s=0.0, prepare_s=0.0, call_s=0.0, finish_s=0.0, prefill_steps=0, tokens=0,
+                            prefill_tokens=0, rows=0)
 
     # ---- queue API ----------------------------------------------------------------------------------
     def validate(self, prompt: list[int], max_tokens: int) -> None:
@@ -208,56 +207,61 @@ class Scheduler:
             budget -= n
         return rows
 
-    def _launch(self, rows: list[tuple[Request, int]], chunk: int, kind: str) -> np.ndarray:
-        """Runs one jitted call for rows (each with <= chunk new tokens); returns the sampled tokens."""
+    def _launch(self, rows: list[tuple[Request, int]]) -> np.ndarray:
+        """Runs the step's one jitted call: row j's n tokens are n consecutive token rows; returns the token
+        sampled after each request's last row (meaningful where its chunk reached the end of its tokens)."""
         t0 = time.perf_counter()
-        b = _bucket(len(rows), self.batch_cap)
+        total = sum(n for _, n in rows)
+        n_rows = _bucket(total, self.token_cap, MIN_ROW_BUCKET)
         width = self._width(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows))
-        tokens = np.zeros((b, chunk), np.int32)
-        starts, n_new, seeds, steps, top_k = (np.zeros(b, np.int32) for _ in range(5))
-        temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
-        tables = np.zeros((b, width), np.int32)
+        packed = np.zeros((3, n_rows), np.int32)  # tokens, positions, valid
+        tables = np.zeros((n_rows, width), np.int32)
+        knobs = np.zeros((4, min(n_rows, self.batch_cap)), np.int32)  # sample row, seed, step, top_k
+        probs = np.zeros((2, knobs.shape[1]), np.float32)  # temperature, top_p
+        probs[1] = 1.0
+        i = 0
         for j, (r, n) in enumerate(rows):
-            tokens[j, :n] = r.tokens[r.num_cached:r.num_cached + n]
-            starts[j], n_new[j] = r.num_cached, n
-            tables[j, :len(r.pages)] = r.pages[:width]
+            packed[0, i:i + n] = r.tokens[r.num_cached:r.num_cached + n]
+            packed[1, i:i + n] = np.arange(r.num_cached, r.num_cached + n)
+            packed[2, i:i + n] = 1
+            tables[i:i + n, :len(r.pages)] = r.pages[:width]
             p = r.params
-            seeds[j], steps[j], top_k[j], temperature[j], top_p[j] = (p.seed, r.num_generated, p.top_k,
-                                                                      p.temperature, p.top_p)
+            knobs[:, j] = i + n - 1, p.seed, r.num_generated, p.top_k
+            probs[:, j] = p.temperature, p.top_p
+            i += n
         t1 = time.perf_counter()
-        sampled = np.asarray(self._call(tokens, starts, n_new, tables, seeds, steps, temperature, top_k, top_p))
+        sampled = np.asarray(self._call(packed, tables, knobs, probs))
         tm = self.timings
         tm["prepare_s"] += t1 - t0
-        tm[f"{kind}_s"] += time.perf_counter() - t1
-        tm[f"{kind}_calls"] += 1
-        if kind == "prefill":
-            tm["prefill_tokens"] += int(n_new.sum())
-            tm["prefill_slots"] += b * chunk
+        tm["call_s"] += time.perf_counter() - t1
+        prefill = sum(n for r, n in rows if n > 1 or not r.num_generated)  # decoding: 1 row after a sample
+        tm["prefill_steps"] += prefill > 0
+        tm["tokens"] += total
+        tm["prefill_tokens"] += prefill
+        tm["rows"] += n_rows
         return sampled
 
     def _call(self, *arrays):
-        out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *map(jnp.asarray, arrays))
+        out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *arrays)
         return out
 
     def _width(self, pages: int) -> int:
         return _bucket(pages, self.max_pages_per_seq, MIN_TABLE_BUCKET)
 
-    def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (batch, chunk, block-table width) a step can use: all that steady state ever compiles."""
-        batches = sorted({_bucket(n, self.batch_cap) for n in range(1, self.max_running + 1)})
-        chunks = [1] + sorted({_bucket(n, self.chunk_cap, MIN_CHUNK_BUCKET)
-                               for n in range(2, self.max_prefill_chunk + 1)})
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """Every (token rows, block-table width) a step can use: all that steady state ever compiles."""
+        rows = sorted({_bucket(n, self.token_cap, MIN_ROW_BUCKET) for n in range(1, self.max_tokens_per_step + 1)})
         widths = sorted({self._width(n) for n in range(1, self.max_pages_per_seq + 1)})
-        return [(b, t, w) for b in batches for t in chunks for w in widths]
+        return [(n, w) for n in rows for w in widths]
 
     def warmup(self) -> int:
-        """Compiles every bucket shape up front with all-padding batches (they write only the trash page), so no
+        """Compiles every bucket shape up front with all-padding steps (they write only the trash page), so no
         request ever waits for a compilation. Returns the number of shapes."""
         shapes = self.bucket_shapes()
-        for b, t, w in shapes:
-            z = np.zeros(b, np.int32)
-            out = self._call(np.zeros((b, t), np.int32), z, z, np.zeros((b, w), np.int32), z, z,
-                             np.zeros(b, np.float32), z, np.ones(b, np.float32))
+        for n, w in shapes:
+            r = min(n, self.batch_cap)
+            out = self._call(np.zeros((3, n), np.int32), np.zeros((n, w), np.int32), np.zeros((4, r), np.int32),
+                             np.ones((2, r), np.float32))
         out.block_until_ready()
         return len(shapes)
 
@@ -265,29 +269,20 @@ class Scheduler:
         tm = self.timings
         t0 = time.perf_counter()
         rows = self._schedule()
-        t1 = time.perf_counter()
-        tm["schedule_s"] += t1 - t0
+        tm["schedule_s"] += time.perf_counter() - t0
         if not rows:
             return []
-        single = [(r, n) for r, n in rows if n == 1]
-        multi = [(r, n) for r, n in rows if n > 1]
-        launched = []
-        if single:
-            launched.append((single, self._launch(single, 1, "decode")))
-        if multi:
-            chunk = _bucket(max(n for _, n in multi), self.chunk_cap, MIN_CHUNK_BUCKET)
-            launched.append((multi, self._launch(multi, chunk, "prefill")))
+        sampled = self._launch(rows)
         t3 = time.perf_counter()
         self.counters["steps"] += 1
         outputs = []
-        for group, sampled in launched:
-            for j, (req, n) in enumerate(group):
-                req.num_cached += n
-                self.counters["computed_tokens"] += n
-                if req.num_cached < len(req.tokens):  # a prefill chunk short of the end: nothing sampled
-                    self._register_full_pages(req)
-                    continue
-                outputs.append(self._append(req, int(sampled[j])))
+        for j, (req, n) in enumerate(rows):
+            req.num_cached += n
+            self.counters["computed_tokens"] += n
+            if req.num_cached < len(req.tokens):  # a prefill chunk short of the end: nothing sampled
+                self._register_full_pages(req)
+                continue
+            outputs.append(self._append(req, int(sampled[j])))
         tm["finish_s"] += time.perf_counter() - t3
         return outputs
 
