@@ -163,11 +163,11 @@ def paged_rows(sched: Scheduler, tables, start: int, chunk: int):
     b = len(tables)
     n = b * chunk
     packed = np.stack([np.ones(n, np.int32), np.tile(np.arange(start, start + chunk, dtype=np.int32), b),
-                       np.ones(n, np.int32)])
-    knobs = np.zeros((4, min(n, sched.batch_cap)), np.int32)
+                       np.ones(n, np.int32), np.full(n, -1, np.int32)])
+    knobs = np.zeros((4, sched.batch_cap), np.int32)
     knobs[0, :b] = np.arange(b) * chunk + chunk - 1
-    probs = np.stack([np.zeros(knobs.shape[1], np.float32), np.ones(knobs.shape[1], np.float32)])
-    return sched._call(packed, np.repeat(tables, chunk, axis=0), knobs, probs)
+    probs = np.stack([np.zeros(sched.batch_cap, np.float32), np.ones(sched.batch_cap, np.float32)])
+    return sched._call(sched._no_tokens, packed, np.repeat(tables, chunk, axis=0), knobs, probs)
 
 
 def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
@@ -313,7 +313,7 @@ def main() -> None:
         bd = totals[name] = {k: sum(b[k] for b in bds) for k in bds[0]}
         steps = max(bd["steps"], 1)
         print(f"{name}, {bd['steps']} steps: ms/step " + ", ".join(
-            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "call_s", "finish_s")) +
+            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "dispatch_s", "wait_s", "finish_s")) +
             f"; {bd['prefill_steps']} steps with prefill; {bd['tokens']} tokens ({bd['prefill_tokens']} prefill) "
             f"in {bd['rows']} token rows ({bd['tokens'] / max(bd['rows'], 1):.0%} used)")
     print(f"recompiled during timed runs: {recompiled}; load average (1 min) per run: "

@@ -6,11 +6,14 @@ Every `step()`:
      cannot be found, the youngest running request is preempted (pages freed, tokens kept, recomputed later);
   2. admits waiting requests into free slots (up to `max_running`) with what budget is left, first sharing any
      cached full-page prefix of their tokens;
-  3. runs ONE jitted call with every scheduled token as a row (paged_step.py: decode tokens and prefill chunks
-     packed, no per-chunk padding), token rows and block-table width bucketed to powers of two, so steady state
-     never recompiles;
-  4. appends each row's sampled token where its chunk reached the end of its tokens, retires finished requests
-     and frees their pages, and registers newly filled pages with the prefix cache.
+  3. dispatches ONE jitted call with every scheduled token as a row (paged_step.py: decode tokens and prefill
+     chunks packed, no per-chunk padding), token rows and block-table width bucketed to powers of two, so steady
+     state never recompiles; it does not wait for it: a decode row whose input is the previous call's sampled
+     token reads it on the device;
+  4. only then reads the previous call's sampled tokens back (its device time has hidden this step's host work),
+     emits them, retires finished requests and frees their pages. Requests that reach their length retire at
+     dispatch; one that emits a stop id had one more token dispatched, dropped unseen. Newly filled pages are
+     registered with the prefix cache at dispatch (the device runs calls in order).
 Not thread-safe: one thread owns a Scheduler (see async_engine.py).
 """
 
@@ -21,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -38,6 +42,15 @@ MIN_TABLE_BUCKET = 2
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(max(1 << max(n - 1, 0).bit_length(), floor), cap)
+
+
+PENDING = -1  # a sampled token still on the device (its slot in Request.tokens until the call is read back)
+
+
+@dataclass
+class _InFlight:
+    tokens: jax.Array                                   # [batch_cap] sampled tokens of a dispatched call
+    slots: dict[int, tuple[int, int, Request]]          # id(request) -> (row in tokens, index in request.tokens, it)
 
 
 @dataclass
@@ -81,12 +94,15 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = dict(steps=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0, preemptions=0)
-        # Wall seconds per step phase, summed: schedule (Python planning), prepare (host arrays), call (transfer,
-        # compute, sampled tokens back; timed to its result), finish (appending, retiring, prefix registration);
+        # Wall seconds per step phase, summed: schedule (Python planning), prepare (host arrays), dispatch (the
+        # jitted call returning, transfers included), wait (blocked on the previous call's tokens), finish
+        # (bookkeeping, retiring, prefix registration);
         # steps that carried prefill tokens, tokens computed (prefill among them) and the token rows (bucketed)
         # computed for them.
-        self.timings = dict(schedule_s=0.0, prepare_s=0.0, call_s=0.0, finish_s=0.0, prefill_steps=0, tokens=0,
-                            prefill_tokens=0, rows=0)
+        self.timings = dict(schedule_s=0.0, prepare_s=0.0, dispatch_s=0.0, wait_s=0.0, finish_s=0.0,
+                            prefill_steps=0, tokens=0, prefill_tokens=0, rows=0)
+        self._inflight: _InFlight | None = None
+        self._no_tokens = jnp.zeros(self.batch_cap, jnp.int32)
 
     # ---- queue API ----------------------------------------------------------------------------------
     def validate(self, prompt: list[int], max_tokens: int) -> None:
@@ -111,6 +127,8 @@ class Scheduler:
         if request.finished:
             return
         request.finish_reason = "abort"
+        while request.num_generated and request.tokens[-1] == PENDING:  # never read back: not part of its output
+            request.tokens.pop()
         if request in self.waiting:
             self.waiting.remove(request)
         if request in self.running:
@@ -119,7 +137,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     @property
     def pages_in_use(self) -> int:
@@ -207,22 +225,30 @@ class Scheduler:
             budget -= n
         return rows
 
-    def _launch(self, rows: list[tuple[Request, int]]) -> np.ndarray:
-        """Runs the step's one jitted call: row j's n tokens are n consecutive token rows; returns the token
-        sampled after each request's last row (meaningful where its chunk reached the end of its tokens)."""
+    def _launch(self, rows: list[tuple[Request, int]]) -> _InFlight:
+        """Dispatches the step's one jitted call without waiting for it — row j's n tokens are n consecutive token
+        rows; a decoding row whose token is still on the device reads it from the previous call's output — then
+        applies what does not depend on the sampled tokens: progress, a PENDING token per sampled request, and
+        retiring the requests that reach their length (their pages are free for the next call, which runs after
+        this one on the device)."""
         t0 = time.perf_counter()
         total = sum(n for _, n in rows)
         n_rows = _bucket(total, self.token_cap, MIN_ROW_BUCKET)
         width = self._width(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows))
-        packed = np.zeros((3, n_rows), np.int32)  # tokens, positions, valid
+        packed = np.zeros((4, n_rows), np.int32)  # tokens, positions, valid, source in the previous output
+        packed[3] = -1
         tables = np.zeros((n_rows, width), np.int32)
-        knobs = np.zeros((4, min(n_rows, self.batch_cap)), np.int32)  # sample row, seed, step, top_k
-        probs = np.zeros((2, knobs.shape[1]), np.float32)  # temperature, top_p
+        knobs = np.zeros((4, self.batch_cap), np.int32)  # sample row, seed, step, top_k
+        probs = np.zeros((2, self.batch_cap), np.float32)  # temperature, top_p
         probs[1] = 1.0
+        prev = self._inflight or _InFlight(self._no_tokens, {})
         i = 0
         for j, (r, n) in enumerate(rows):
-            packed[0, i:i + n] = r.tokens[r.num_cached:r.num_cached + n]
-            packed[1, i:i + n] = np.arange(r.num_cached, r.num_cached + n)
+            end = r.num_cached + n
+            packed[0, i:i + n] = r.tokens[r.num_cached:end]
+            if r.tokens[end - 1] == PENDING:  # only a request's last token can be pending: a decode row
+                packed[:, i + n - 1] = 0, 0, 0, prev.slots[id(r)][0]
+            packed[1, i:i + n] = np.arange(r.num_cached, end)
             packed[2, i:i + n] = 1
             tables[i:i + n, :len(r.pages)] = r.pages[:width]
             p = r.params
@@ -230,16 +256,59 @@ class Scheduler:
             probs[:, j] = p.temperature, p.top_p
             i += n
         t1 = time.perf_counter()
-        sampled = np.asarray(self._call(packed, tables, knobs, probs))
+        sampled = self._call(prev.tokens, packed, tables, knobs, probs)
+        t2 = time.perf_counter()
+        slots = {}
+        for j, (r, n) in enumerate(rows):
+            r.num_cached += n
+            self.counters["computed_tokens"] += n
+            self._register_full_pages(r)  # before any free: a finished prompt's pages stay cached for reuse
+            if r.num_cached < len(r.tokens):  # a prefill chunk short of the end: nothing sampled
+                continue
+            r.tokens.append(PENDING)
+            slots[id(r)] = (j, len(r.tokens) - 1, r)
+            if r.num_generated >= r.params.max_tokens or len(r.tokens) >= self.max_model_len:
+                self._retire(r)
         tm = self.timings
         tm["prepare_s"] += t1 - t0
-        tm["call_s"] += time.perf_counter() - t1
-        prefill = sum(n for r, n in rows if n > 1 or not r.num_generated)  # decoding: 1 row after a sample
+        tm["dispatch_s"] += t2 - t1
+        tm["finish_s"] += time.perf_counter() - t2
+        prefill = sum(n for r, n in rows if n > 1 or r.num_generated <= 1)  # decoding: 1 row after a sample
         tm["prefill_steps"] += prefill > 0
         tm["tokens"] += total
         tm["prefill_tokens"] += prefill
         tm["rows"] += n_rows
-        return sampled
+        return _InFlight(sampled, slots)
+
+    def _resolve(self, flight: _InFlight) -> list[StepOutput]:
+        """Reads a dispatched call's sampled tokens back: fills each request's PENDING token, finishes requests
+        that emitted a stop id (dropping anything scheduled after it) or reached their length."""
+        t0 = time.perf_counter()
+        sampled = np.asarray(flight.tokens)
+        t1 = time.perf_counter()
+        outputs = []
+        for j, k, req in flight.slots.values():
+            if req.finish_reason == "abort":
+                continue
+            token = req.tokens[k] = int(sampled[j])
+            self.counters["generated_tokens"] += 1
+            if token in req.params.stop_ids:
+                req.finish_reason = "stop"
+                del req.tokens[k + 1:]  # a token dispatched after the stop: never emitted
+                self._retire(req)
+            elif k + 1 - len(req.prompt) >= req.params.max_tokens or k + 1 >= self.max_model_len:
+                req.finish_reason = "length"
+            outputs.append(StepOutput(req, token, req.finished))
+        self.timings["wait_s"] += t1 - t0
+        self.timings["finish_s"] += time.perf_counter() - t1
+        return outputs
+
+    def _retire(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(req)
+        self._free(req)
 
     def _call(self, *arrays):
         out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *arrays)
@@ -259,45 +328,21 @@ class Scheduler:
         request ever waits for a compilation. Returns the number of shapes."""
         shapes = self.bucket_shapes()
         for n, w in shapes:
-            r = min(n, self.batch_cap)
-            out = self._call(np.zeros((3, n), np.int32), np.zeros((n, w), np.int32), np.zeros((4, r), np.int32),
-                             np.ones((2, r), np.float32))
+            out = self._call(self._no_tokens, np.zeros((4, n), np.int32), np.zeros((n, w), np.int32),
+                             np.zeros((4, self.batch_cap), np.int32), np.ones((2, self.batch_cap), np.float32))
         out.block_until_ready()
         return len(shapes)
 
     def step(self) -> list[StepOutput]:
-        tm = self.timings
+        """Schedules and dispatches the next call, then returns the tokens of the call before it: the host's
+        scheduling of one step runs while the device computes the previous one (sglang's overlap scheduler)."""
         t0 = time.perf_counter()
         rows = self._schedule()
-        tm["schedule_s"] += time.perf_counter() - t0
-        if not rows:
-            return []
-        sampled = self._launch(rows)
-        t3 = time.perf_counter()
-        self.counters["steps"] += 1
-        outputs = []
-        for j, (req, n) in enumerate(rows):
-            req.num_cached += n
-            self.counters["computed_tokens"] += n
-            if req.num_cached < len(req.tokens):  # a prefill chunk short of the end: nothing sampled
-                self._register_full_pages(req)
-                continue
-            outputs.append(self._append(req, int(sampled[j])))
-        tm["finish_s"] += time.perf_counter() - t3
-        return outputs
-
-    def _append(self, req: Request, token: int) -> StepOutput:
-        req.tokens.append(token)
-        self.counters["generated_tokens"] += 1
-        if token in req.params.stop_ids:
-            req.finish_reason = "stop"
-        elif req.num_generated >= req.params.max_tokens or len(req.tokens) >= self.max_model_len:
-            req.finish_reason = "length"
-        self._register_full_pages(req)  # before any free: a finished prompt's pages stay cached for reuse
-        if req.finished:
-            self.running.remove(req)
-            self._free(req)
-        return StepOutput(req, token, req.finished)
+        self.timings["schedule_s"] += time.perf_counter() - t0
+        flight, self._inflight = self._inflight, (self._launch(rows) if rows else None)
+        if rows:
+            self.counters["steps"] += 1
+        return self._resolve(flight) if flight else []
 
     def run_to_completion(self, requests: list[Request]) -> dict[str, list[int]]:
         """Offline helper: adds all requests, steps until done; returns {id: new tokens}."""
