@@ -288,7 +288,7 @@ class Scheduler:
         t1 = time.perf_counter()
         outputs = []
         for j, k, req in flight.slots.values():
-            if req.finish_reason == "abort":
+            if req.finished:  # aborted meanwhile, or stopped one call earlier (this token was dropped unseen)
                 continue
             token = req.tokens[k] = int(sampled[j])
             self.counters["generated_tokens"] += 1
