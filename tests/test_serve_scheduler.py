@@ -99,6 +99,16 @@ def test_stop_ids_and_sampling_match_offline(model, offline):
     assert r3.output == want and sched.pages_in_use == 0
 
 
+def test_generated_tokens_join_the_prefix_cache(model, offline):
+    """A follow-up turn (prompt + answer + more) reuses the page the answer completed: its last token was still on
+    the device when the page's latents were dispatched, and is hashed once read back."""
+    p, n = workload()[1]  # 15 prompt tokens + 14 generated: page 0 ends with the first generated token
+    sched = Scheduler(model, num_pages=12, **KNOBS)
+    assert sched.run_to_completion([Request("a", p, SamplingParams(max_tokens=n))])["a"] == offline[1]
+    sched.run_to_completion([Request("b", p + offline[1] + [5, 6, 7], SamplingParams(max_tokens=2))])
+    assert sched.counters["prefix_hit_tokens"] == PAGE and sched.pages_in_use == 0
+
+
 def test_allocator_prefix_sharing_and_eviction():
     alloc = PageAllocator(5)  # page 0 is the trash page: 4 usable
     toks = list(range(3 * 4))

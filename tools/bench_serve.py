@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=None,
                     help="continuous slots at equal memory (default: what the pool holds of the mean request)")
     ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
-    ap.add_argument("--max-tokens-per-step", type=int, default=64, help="token rows per continuous step")
+    ap.add_argument("--max-tokens-per-step", type=int, default=128, help="token rows per continuous step")
     ap.add_argument("--max-prefill-chunk", type=int, default=None)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)

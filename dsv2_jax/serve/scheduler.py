@@ -11,9 +11,10 @@ Every `step()`:
      state never recompiles; it does not wait for it: a decode row whose input is the previous call's sampled
      token reads it on the device;
   4. only then reads the previous call's sampled tokens back (its device time has hidden this step's host work),
-     emits them, retires finished requests and frees their pages. Requests that reach their length retire at
-     dispatch; one that emits a stop id had one more token dispatched, dropped unseen. Newly filled pages are
-     registered with the prefix cache at dispatch (the device runs calls in order).
+     emits them, retires finished requests and frees their pages (a freed page's next owner writes it in a later
+     call: the device runs calls in order). A request that reaches its length leaves the running set at
+     dispatch; one that emits a stop id had one more token dispatched, dropped unseen. Filled pages are
+     registered with the prefix cache once all their tokens are known on the host.
 Not thread-safe: one thread owns a Scheduler (see async_engine.py).
 """
 
@@ -175,7 +176,10 @@ class Scheduler:
         self.counters["prefix_hit_tokens"] += req.num_cached
 
     def _register_full_pages(self, req: Request) -> None:
-        full = req.num_cached // self.page_size
+        known = req.num_cached  # computed tokens whose values the host has (a PENDING one is hashed once read back)
+        while known and req.tokens[known - 1] == PENDING:
+            known -= 1
+        full = known // self.page_size
         if full > len(req.hashes):
             req.hashes += page_hashes(req.tokens[:full * self.page_size], self.page_size, start=len(req.hashes),
                                       prev=req.hashes[-1] if req.hashes else b"")
@@ -229,8 +233,7 @@ class Scheduler:
         """Dispatches the step's one jitted call without waiting for it — row j's n tokens are n consecutive token
         rows; a decoding row whose token is still on the device reads it from the previous call's output — then
         applies what does not depend on the sampled tokens: progress, a PENDING token per sampled request, and
-        retiring the requests that reach their length (their pages are free for the next call, which runs after
-        this one on the device)."""
+        taking the requests that reach their length out of the running set."""
         t0 = time.perf_counter()
         total = sum(n for _, n in rows)
         n_rows = _bucket(total, self.token_cap, MIN_ROW_BUCKET)
@@ -247,7 +250,7 @@ class Scheduler:
             end = r.num_cached + n
             packed[0, i:i + n] = r.tokens[r.num_cached:end]
             if r.tokens[end - 1] == PENDING:  # only a request's last token can be pending: a decode row
-                packed[:, i + n - 1] = 0, 0, 0, prev.slots[id(r)][0]
+                packed[0, i + n - 1], packed[3, i + n - 1] = 0, prev.slots[id(r)][0]
             packed[1, i:i + n] = np.arange(r.num_cached, end)
             packed[2, i:i + n] = 1
             tables[i:i + n, :len(r.pages)] = r.pages[:width]
@@ -262,13 +265,13 @@ class Scheduler:
         for j, (r, n) in enumerate(rows):
             r.num_cached += n
             self.counters["computed_tokens"] += n
-            self._register_full_pages(r)  # before any free: a finished prompt's pages stay cached for reuse
+            self._register_full_pages(r)
             if r.num_cached < len(r.tokens):  # a prefill chunk short of the end: nothing sampled
                 continue
             r.tokens.append(PENDING)
             slots[id(r)] = (j, len(r.tokens) - 1, r)
             if r.num_generated >= r.params.max_tokens or len(r.tokens) >= self.max_model_len:
-                self._retire(r)
+                self.running.remove(r)  # done: retired when its token is read back (its pages kept till then)
         tm = self.timings
         tm["prepare_s"] += t1 - t0
         tm["dispatch_s"] += t2 - t1
@@ -295,9 +298,11 @@ class Scheduler:
             if token in req.params.stop_ids:
                 req.finish_reason = "stop"
                 del req.tokens[k + 1:]  # a token dispatched after the stop: never emitted
-                self._retire(req)
             elif k + 1 - len(req.prompt) >= req.params.max_tokens or k + 1 >= self.max_model_len:
                 req.finish_reason = "length"
+            self._register_full_pages(req)  # a page this token completed; before any free, so it stays cached
+            if req.finished:
+                self._retire(req)
             outputs.append(StepOutput(req, token, req.finished))
         self.timings["wait_s"] += t1 - t0
         self.timings["finish_s"] += time.perf_counter() - t1
