@@ -173,7 +173,8 @@ def paged_rows(sched: Scheduler, tables, start: int, chunk: int):
 def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
     """Median ms of one paged step (B decode rows, and B 16-token prefill chunks) per pool size, interleaved."""
     b, w = args.static_batch, -(-args.max_model_len // args.page_size)
-    scheds = {p: make_scheduler(model, p, b, argparse.Namespace(**dict(vars(args), max_tokens_per_step=16 * b))) for p in pools}
+    budget = argparse.Namespace(**dict(vars(args), max_tokens_per_step=16 * b))
+    scheds = {p: make_scheduler(model, p, b, budget) for p in pools}
 
     def call(p, t):
         tables = (np.arange(b * w).reshape(b, w) % (p - 1) + 1).astype(np.int32)
@@ -313,7 +314,8 @@ def main() -> None:
         bd = totals[name] = {k: sum(b[k] for b in bds) for k in bds[0]}
         steps = max(bd["steps"], 1)
         print(f"{name}, {bd['steps']} steps: ms/step " + ", ".join(
-            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}" for k in ("schedule_s", "prepare_s", "dispatch_s", "wait_s", "finish_s")) +
+            f"{k[:-2]} {bd[k] / steps * 1e3:.2f}"
+            for k in ("schedule_s", "prepare_s", "dispatch_s", "wait_s", "finish_s")) +
             f"; {bd['prefill_steps']} steps with prefill; {bd['tokens']} tokens ({bd['prefill_tokens']} prefill) "
             f"in {bd['rows']} token rows ({bd['tokens'] / max(bd['rows'], 1):.0%} used)")
     print(f"recompiled during timed runs: {recompiled}; load average (1 min) per run: "

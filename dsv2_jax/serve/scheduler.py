@@ -66,8 +66,9 @@ class Scheduler:
 
     page_size: tokens per page. num_pages (trash page included) or cache_memory_bytes sizes the pool (default
     256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
-    max_prefill_chunk: longest prefill chunk of one request (default max_tokens_per_step). max_model_len: prompt + output limit (default the
-    model's max_position_embeddings, capped by the pool). cache_sharding places the pool (replicated on a mesh).
+    max_prefill_chunk: longest prefill chunk of one request (default max_tokens_per_step). max_model_len: prompt +
+    output limit (default the model's max_position_embeddings, capped by the pool). cache_sharding places the pool
+    (replicated on a mesh).
     """
 
     def __init__(self, model: DeepseekV2, *, page_size: int = 64, num_pages: int | None = None,
