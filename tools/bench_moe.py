@@ -1,7 +1,7 @@
 """MoE cost against the number of stored experts: every grouped-GEMM backend here vs transformers + torch.
 
-    python tools/bench_moe.py [--experts 4,16,64,160] [--shapes lite/8,tiny] [--whole-model] [--quick]
-                              [--out bench_moe.jsonl]
+    python tools/bench_moe.py --whole-model [--experts 4,16,64,160] [--shapes lite/16,tiny] [--reps 10] [--quick]
+                              [--torch-threads N] [--out bench_moe.jsonl]
 
 (1) One DeepSeekMoE layer (router + routed experts + shared experts) at fixed tokens, top-k and expert width:
     forward+backward ms for each E, each backend and transformers' DeepseekV2Moe holding the same weights
@@ -17,10 +17,13 @@
         E=160, where the O(E·D·F) weight-grad writes and per-step overheads are a large part of a ~5 ms step.
     The tiny shape also runs the dense paths (XLA ragged_dot, the reference) and decode steps at B=1 / B=32
     with outputs checked equal to transformers'.
-(2) --whole-model: the tiny preset's train step (tools/bench_train.py; fp32, 4 × 128 tokens) for each E and
-    vs transformers + torch AdamW at E=16; decode vs transformers' eager generate (tools/bench_decode.py:
-    B=8, 200-token prompts, 64 new tokens) at E=16, and our B=1 decode ms/token for each E.
-Prints medians, markdown tables with the E ratios, and `uptime` (timings on a loaded machine are noise).
+(2) --whole-model: the tiny preset's jitted train step (fp32, 4 × 128 tokens, AdamW, state donated) for each E
+    and transformers + torch AdamW at E=16, plus the AdamW update alone per E; decode vs transformers' eager
+    generate (tools/bench_decode.py: B=8, 200-token prompts, 64 new tokens) at E=16, and our B=1 decode
+    ms/token for each E (the fastest of 3 rotated rounds).
+Every forward+backward and train step is timed in interleaved rounds (each variant once per round; median over
+rounds), so load drift hits all alike. Prints medians, markdown tables with the E ratios, the issue's goal table
+(#10) and `uptime` (timings on a loaded machine are noise).
 """
 
 from __future__ import annotations
@@ -104,7 +107,8 @@ def our_impls(train: bool, dense: bool = True) -> list[tuple[str, dict]]:
     return impls
 
 
-def bench_layer(e: int, name: str, args) -> list[dict]:
+def layer_train_steps(e: int, name: str, args):
+    """(transformers' layer, our parameter state, rng, {(E, impl): a forward+backward step}) at shape `name`."""
     import torch
 
     shape = SHAPES[name]
@@ -112,15 +116,11 @@ def bench_layer(e: int, name: str, args) -> list[dict]:
     tm, state = layer_pair(cfg)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(1, shape["tokens"], cfg.hidden_size)).astype(np.float32)
-    rows = []
-
-    def row(kind, impl, ms):
-        rows.append({"bench": "moe_layer", "shape": name, "kind": kind, "impl": impl, "experts": e, "ms": ms})
-        print(f"{name:<7} E={e:<4} {kind:<12} {impl:<18} {ms:10.3f} ms", flush=True)
-
+    steps = {}
     dense = shape["full"] and not args.quick
     impls = our_impls(train=True, dense=shape["full"]) + ([("reference (dense)", {"moe_impl": "reference"})]
                                                             if dense else [])
+    xj = jnp.asarray(x)
     for label, fields in impls:
         graphdef = nnx.graphdef(moe.MoE(cfg.replace(**fields), jnp.float32))
 
@@ -128,18 +128,59 @@ def bench_layer(e: int, name: str, args) -> list[dict]:
             y, _ = nnx.merge(graphdef, params)(x)
             return jnp.sum(y * y)
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        xj = jnp.asarray(x)
-        row("train", label, median_ms(lambda: jax.block_until_ready(step(state, xj)), args.reps))
+        steps[e, label] = lambda step=step: jax.block_until_ready(step(state, xj))
     xt = torch.tensor(x, requires_grad=True)
 
     def torch_train():
         for p in (*tm.parameters(), xt):
             p.grad = None
         (tm(xt) ** 2).sum().backward()
-    if shape["full"] or e <= 16:
-        row("train", "transformers", median_ms(torch_train, args.reps))
-    if not shape["full"]:
-        return rows
+    if shape["full"] or e <= 16:  # its per-expert Python loop takes tens of seconds a step beyond
+        steps[e, "transformers"] = torch_train
+    return cfg, tm, state, rng, steps
+
+
+def bench_shape(experts: list[int], name: str, args) -> list[dict]:
+    """Forward+backward of every path at every E, timed in interleaved rounds; then (tiny) the decode steps."""
+    built = {e: layer_train_steps(e, name, args) for e in experts}
+    times = interleaved({k: fn for *_, steps in built.values() for k, fn in steps.items()}, args.reps)
+    rows = [{"bench": "moe_layer", "shape": name, "kind": "train", "impl": impl, "experts": e, "ms": ms}
+            for (e, impl), ms in times.items()]
+    for r in rows:
+        print(f"{name:<7} E={r['experts']:<4} train        {r['impl']:<18} {r['ms']:10.3f} ms", flush=True)
+    if SHAPES[name]["full"]:
+        for e, (cfg, tm, state, rng, _) in built.items():
+            rows += bench_layer_decode(e, name, cfg, tm, state, rng, args)
+    return rows
+
+
+def interleaved(steps: dict, reps: int, pause_s: float = 0.1) -> dict:
+    """Median ms of each step, timed in `reps` rounds that run every step once (after one warm-up call each), so
+    a change in machine load hits every variant alike; each round starts one variant later. An untimed pause after each call lets the finished
+    framework's worker threads stop spinning: torch's OpenMP threads and XLA's pool busy-wait for a while after
+    a step, and timing the other framework in that window measured it up to 25× slower."""
+    for fn in steps.values():
+        fn()
+    times = {k: [] for k in steps}
+    keys = list(steps)
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotated: no variant always follows the same one
+            fn = steps[k]
+            time.sleep(pause_s)
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def bench_layer_decode(e: int, name: str, cfg, tm, state, rng, args) -> list[dict]:
+    import torch
+
+    rows = []
+
+    def row(kind, impl, ms):
+        rows.append({"bench": "moe_layer", "shape": name, "kind": kind, "impl": impl, "experts": e, "ms": ms})
+        print(f"{name:<7} E={e:<4} {kind:<12} {impl:<18} {ms:10.3f} ms", flush=True)
 
     for b in (1, 32):
         xb = rng.normal(size=(b, 1, cfg.hidden_size)).astype(np.float32)
@@ -195,21 +236,15 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 def bench_whole_model(experts: list[int], args) -> list[dict]:
     import bench_decode
-    import bench_train
 
-    rows = []
-    base = ["--config", "tiny", "--set", "seq_len=128", "--set", "global_batch=4", "--set", "compute_dtype=float32",
-            "--steps", str(args.reps)]
-    for e in sorted({*experts, 16}):  # E=16: the comparison with transformers
-        sets = [item for k, v in model_fields(e).items() for item in ("--set", f"model.{k}={v}")]
-        r = bench_train.main(base + sets)
-        rows.append({"bench": "model", "kind": "train step", "impl": "ours", "experts": e, "ms": 1e3 * r["step_s"]})
-    rows.append({"bench": "model", "kind": "train step", "impl": "transformers+AdamW", "experts": 16,
-                 "ms": torch_train_step_ms(16, args)})
-    for e in experts:
-        dt = bench_decode.cache_throughput(init_model(model_config(e)), 1, 64, args.new)[0]["s"]
-        rows.append({"bench": "model", "kind": "decode B=1", "impl": "ours", "experts": e,
-                     "ms": 1e3 * dt / args.new})
+    rows = train_steps_interleaved(sorted({*experts, 16}), args.reps)  # E=16: the comparison with transformers
+    models = {e: init_model(model_config(e)) for e in experts}
+    per_token = {e: [] for e in experts}
+    for r in range(3):  # rotated rounds over E; the fastest round per E (a load spike only ever slows one down)
+        for e in experts[r % len(experts):] + experts[:r % len(experts)]:
+            per_token[e].append(bench_decode.cache_throughput(models[e], 1, 64, args.new)[0]["s"] / args.new)
+    rows += [{"bench": "model", "kind": "decode B=1", "impl": "ours", "experts": e, "ms": 1e3 * min(per_token[e])}
+             for e in experts]
     with tempfile.TemporaryDirectory() as d:
         model, torch_model = bench_decode.tiny_pair(d, model_config(16))
         for r in bench_decode.bench_point(model, torch_model, 8, 200, args.new):
@@ -222,8 +257,51 @@ def bench_whole_model(experts: list[int], args) -> list[dict]:
     return rows
 
 
-def torch_train_step_ms(e: int, args) -> float:
-    """transformers' DeepseekV2ForCausalLM + torch AdamW (clip 1.0) on the same config and batch shape."""
+def train_steps_interleaved(experts: list[int], reps: int) -> list[dict]:
+    """The tiny preset's jitted train step (dsv2_jax.train.state.Trainer: AdamW + clipping, state donated; fp32,
+    4 × 128 random tokens) for each E, and transformers + torch AdamW at E=16, timed in rounds that visit
+    every variant once, so load drift hits all alike (median over rounds). Also the optimizer update alone
+    (the same optax transformation, jitted and donated), the part of the step that must grow with the stored
+    experts: AdamW reads and writes every stored parameter."""
+    import optax
+    from bench_train import random_batch
+    from dsv2_jax.parallel.sharding import make_mesh, shard_batch
+    from dsv2_jax.train.config import TrainConfig
+    from dsv2_jax.train.state import Trainer
+
+    steps = {}
+    for e in experts:
+        tc = TrainConfig.load("tiny").with_overrides(
+            ["seq_len=128", "global_batch=4", "compute_dtype=float32"]
+            + [f"model.{k}={v}" for k, v in model_fields(e).items()])
+        mesh = make_mesh(tc.mesh)
+        trainer = Trainer(tc, mesh)
+        batch = shard_batch(random_batch(tc, trainer.cfg.vocab_size), mesh)
+        box = [trainer.init_state(tc.seed)]
+
+        def step(trainer=trainer, box=box, batch=batch):
+            box[0], metrics = trainer.step(box[0], batch)
+            jax.block_until_ready(metrics["loss"])
+
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), box[0]["params"])
+        update = jax.jit(lambda g, o, p, tx=trainer.tx: (lambda u, o: (optax.apply_updates(p, u), o))(
+            *tx.update(g, o, p)), donate_argnums=(1, 2))
+        opt_box = [jax.tree.map(jnp.copy, (box[0]["opt_state"], box[0]["params"]))]
+
+        def opt_step(update=update, opt_box=opt_box, grads=grads):
+            opt, params = opt_box[0]
+            params, opt = update(grads, opt, params)
+            opt_box[0] = jax.block_until_ready((opt, params))
+
+        steps[("train step", "ours", e)] = step
+        steps[("AdamW update alone", "ours", e)] = opt_step
+    steps[("train step", "transformers+AdamW", 16)] = torch_train_step(16)
+    return [{"bench": "model", "kind": kind, "impl": impl, "experts": e, "ms": ms}
+            for (kind, impl, e), ms in interleaved(steps, reps).items()]
+
+
+def torch_train_step(e: int):
+    """One step of transformers' DeepseekV2ForCausalLM + torch AdamW (clip 1.0), same config and batch shape."""
     import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
@@ -238,7 +316,33 @@ def torch_train_step_ms(e: int, args) -> float:
         model(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return median_ms(step, args.reps)
+    return step
+
+
+def goals(rows: list[dict]) -> str:
+    """The issue's CPU goals (#10) from this run's rows: value, goal, met."""
+    ms = {(r.get("shape", "model"), r["kind"], r["impl"], r["experts"]): r["ms"] for r in rows}
+    checks = [("train step (tiny model) E=64 / E=4", ("model", "train step", "ours", 64),
+               ("model", "train step", "ours", 4), "≤", 1.3),
+              ("decode B=1 (tiny model) E=64 / E=4", ("model", "decode B=1", "ours", 64),
+               ("model", "decode B=1", "ours", 4), "≤", 1.3),
+              ("train step: transformers + torch AdamW / ours, E=16", ("model", "train step", "transformers+AdamW", 16),
+               ("model", "train step", "ours", 16), "≥", 1.5),
+              ("decode B=8, 200-token prompts: transformers eager generate / ours end to end, E=16",
+               ("model", "decode B=8 ctx=200", "transformers_eager_generate", 16),
+               ("model", "decode B=8 ctx=200", "engine_end_to_end", 16), "≥", 2.0),
+              ("MoE layer fwd+bwd lite/16 (auto) E=64 / E=4", ("lite/16", "train", "auto", 64),
+               ("lite/16", "train", "auto", 4), "≤", 1.3),
+              ("MoE layer fwd+bwd lite/16: transformers / ours (auto), E=16", ("lite/16", "train", "transformers", 16),
+               ("lite/16", "train", "auto", 16), "≥", 1.0)]
+    lines = ["| goal (#10, CPU) | value | target | met |", "|---|---|---|---|"]
+    for name, num, den, op, target in checks:
+        if num in ms and den in ms:
+            v = ms[num] / ms[den]
+            met = v <= target if op == "≤" else v >= target
+            lines.append(f"| {name} | {v:.2f}× ({ms[num]:.1f} / {ms[den]:.1f} ms) | {op} {target}× | "
+                         f"{'yes' if met else 'no'} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -249,8 +353,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64, help="decode steps per whole-model decode measurement")
     ap.add_argument("--whole-model", action="store_true")
     ap.add_argument("--quick", action="store_true", help="E in {4, 64}, 3 reps, 16 new tokens, no dense reference")
+    ap.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's). On a loaded "
+                    "machine its OpenMP threads wait on each other: 1 thread measured 2-4x faster there")
     ap.add_argument("--out", help="append JSON lines here")
     args = ap.parse_args(argv)
+    import torch
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     experts = [int(e) for e in args.experts.split(",")]
     if args.quick:
         experts, args.reps, args.new = [4, 64], 3, 16
@@ -259,10 +368,10 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); shapes "
-          + "; ".join(f"{n}: {SHAPES[n]}" for n in shapes) + f"; uptime: {subprocess.getoutput('uptime').strip()}")
+          + "; ".join(f"{n}: {SHAPES[n]}" for n in shapes) + f"; torch threads {torch.get_num_threads()}; uptime: {subprocess.getoutput('uptime').strip()}")
     rows, tables = [], []
     for name in shapes:
-        got = [r for e in experts for r in bench_layer(e, name, args)]
+        got = bench_shape(experts, name, args)
         s = SHAPES[name]
         tables += [markdown([r for r in got if r["kind"] == "train"], lambda r: r["ms"],
                             f"{name} MoE layer fwd+bwd ms ({s['tokens']} tokens, top-{s['topk']}, hidden {s['hidden']},"
@@ -280,6 +389,7 @@ def main(argv=None) -> int:
         tables.append(markdown(speedups(model_rows), lambda r: r["x"], "tiny model: speedup over transformers",
                                ratios=False))
         rows += model_rows
+    tables.append(goals(rows))
     print("\n\n".join(tables))
     print(f"uptime: {subprocess.getoutput('uptime').strip()}")
     if args.out:
