@@ -63,3 +63,37 @@ def test_hopper_paged_kernel_rejects_pools_it_cannot_read():
     args = _case([5, 17], dtype=jnp.float32)
     with pytest.raises(ValueError, match="page size 8"):
         paged_mla_decode(*args, scale=0.3, layer=1, backend="mosaic_gpu")
+
+
+def test_paged_chunk_forward_equals_packed_rows():
+    """The paged cache's [B, T] chunk path (cache.view: gathered pages, causal mask) and the scheduler's packed
+    [N, 1] rows write the same latents and give the same last-token logits."""
+    from flax import nnx
+
+    from conftest import V2_STYLE
+    from dsv2_jax.config import ModelConfig
+    from dsv2_jax.model.transformer import init_model
+    from dsv2_jax.serve.paged_cache import PagedLatentCache
+    from dsv2_jax.serve.paged_step import packed_forward
+
+    graphdef, state = nnx.split(init_model(ModelConfig.from_hf(dict(V2_STYLE)), seed=0, std=0.15))
+    pool = PagedLatentCache.zeros(nnx.merge(graphdef, state).config, num_pages=6, page_size=PAGE, dtype=jnp.float32)
+    n = 19  # three pages, the last partly filled
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 150, n), jnp.int32)
+    table = jnp.asarray([[4, 1, 3]], jnp.int32)
+
+    @jax.jit
+    def chunk(state, pool):
+        model = nnx.merge(graphdef, state)
+        h, batch, _ = model.forward(tokens[None], jnp.arange(n)[None], cache=pool.for_batch(table, jnp.asarray([n])))
+        return model.logits(h[:, -1:])[:, 0], batch.pool
+
+    @jax.jit
+    def packed(state, pool):
+        return packed_forward(nnx.merge(graphdef, state), pool, tokens, jnp.arange(n, dtype=jnp.int32),
+                              jnp.ones(n, jnp.int32), jnp.repeat(table, n, axis=0), jnp.asarray([n - 1]))
+
+    (want, want_pool), (got, got_pool) = chunk(state, pool), packed(state, pool)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    for a, b in zip(got_pool.ckv + got_pool.krope, want_pool.ckv + want_pool.krope):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
