@@ -20,11 +20,13 @@ def test_scheduler_on_an_expert_parallel_mesh_matches_transformers(hf_v2):
     mesh = make_mesh("tensor=2,expert=4")
     model = load_model(path, mesh=mesh)
     assert isinstance(model.moe_layers.mlp.dispatch, ExpertParallel)
-    sched = Scheduler(model, page_size=16, num_pages=12, max_running=2, max_tokens_per_step=24, max_prefill_chunk=16,
+    # One step shape (8 token rows x 2 pages of 32): the sharded program is compiled once.
+    sched = Scheduler(model, page_size=32, num_pages=8, max_running=2, max_tokens_per_step=8, max_prefill_chunk=8,
                       max_model_len=64, cache_dtype=jnp.float32, cache_sharding=NamedSharding(mesh, PartitionSpec()))
+    assert sched.bucket_shapes() == [(8, 2)]
     assert len(sched.cache.ckv[0].sharding.device_set) == 8
     rng = np.random.default_rng(3)
-    # Four requests for two slots: prompts of one and of several prefill chunks, outputs of different lengths.
+    # Four requests for two slots: prompts of one and of several prefill chunks (mixed with decode rows), outputs of different lengths.
     work = [([int(t) for t in rng.integers(3, 150, n)], m) for n, m in ((5, 9), (37, 6), (12, 11), (3, 7))]
     reqs = [Request(str(i), p, SamplingParams(max_tokens=m)) for i, (p, m) in enumerate(work)]
     for r in reqs:
