@@ -26,7 +26,8 @@ def test_scheduler_on_an_expert_parallel_mesh_matches_transformers(hf_v2):
     assert sched.bucket_shapes() == [(8, 2)]
     assert len(sched.cache.ckv[0].sharding.device_set) == 8
     rng = np.random.default_rng(3)
-    # Four requests for two slots: prompts of one and of several prefill chunks (mixed with decode rows), outputs of different lengths.
+    # Four requests for two slots: prompts of one and of several prefill chunks (packed with decode rows), outputs
+    # of different lengths.
     work = [([int(t) for t in rng.integers(3, 150, n)], m) for n, m in ((5, 9), (37, 6), (12, 11), (3, 7))]
     reqs = [Request(str(i), p, SamplingParams(max_tokens=m)) for i, (p, m) in enumerate(work)]
     for r in reqs:
