@@ -7,8 +7,11 @@ import os
 import shutil
 import tempfile
 
-# Eight simulated CPU devices for the sharding tests; must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight simulated CPU devices for the sharding tests; must be set before jax is imported anywhere. Compiling is
+# most of this suite's time, and the tiny programs hardly run: XLA's backend (LLVM) optimisation level 0 compiles
+# them ~40% faster (a cold tiny train(): 44 -> 27 CPU-s); the HLO passes (fusion, SPMD partitioning) are unchanged.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, inherited by every subprocess and notebook kernel: the
 # same train/decode step is compiled by many tests (each Trainer jits afresh), and a hit loads it instead (a tiny
