@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from dsv2_jax.train.metrics_log import read_metrics
+from tests.conftest import FAST_COMPILE
 from tests.train_fixtures import TEST_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,8 @@ class Cluster:
         self.config = root / "train.json"
         self.config.write_text(json.dumps(CONFIG))
         # Two CPU devices per process (the pytest process has 8); a compilation cache shared by all launches.
-        self.env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        self.env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+                        JAX_PLATFORMS="cpu",
                         PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         self.procs: list[subprocess.Popen] = []

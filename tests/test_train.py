@@ -97,17 +97,25 @@ train(make_test_config(steps=8, checkpoint_every=4), sys.argv[1], dataset=synthe
 
 def _run(workdir, stall, env, wait=True):
     args = [sys.executable, "-c", RUN_SCRIPT, str(workdir), str(stall)]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = Path(f"{workdir}.{time.monotonic_ns()}.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc.log = log
     if wait:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out.decode()[-3000:]
+        _finish(proc)
     return proc
 
 
+def _finish(proc):
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, proc.log.read_text()[-3000:]
+
+
 def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), PYTHONPATH=str(ROOT),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="")
-    _run(tmp_path / "straight", "none", env)
+    # The session's environment (XLA_FLAGS, compilation cache): the runs load the step that single_device_run
+    # compiled (the same program) instead of compiling it again; the uninterrupted run overlaps the killed one.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    straight = _run(tmp_path / "straight", "none", env, wait=False)
     # Steps 1-5 run, checkpoint 4 is written, then the run blocks fetching batch 5 (step 6) and is killed.
     proc = _run(tmp_path / "killed", 5, env, wait=False)
     deadline = time.time() + 240
@@ -120,6 +128,7 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    _finish(straight)
     _run(tmp_path / "killed", "none", env)
     straight = [m["loss"] for m in read_metrics(tmp_path / "straight")]
     resumed = [m["loss"] for m in read_metrics(tmp_path / "killed")]
