@@ -10,9 +10,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsv2_jax import load_model
 from dsv2_jax.parallel.expert_parallel import ExpertParallel
 from dsv2_jax.parallel.sharding import make_mesh
-from dsv2_jax.serve.request import Request, SamplingParams
 from dsv2_jax.serve.scheduler import Scheduler
 from test_decode import hf_greedy
+from test_serve_scheduler import run
 
 
 def test_scheduler_on_an_expert_parallel_mesh_matches_transformers(hf_v2):
@@ -29,13 +29,7 @@ def test_scheduler_on_an_expert_parallel_mesh_matches_transformers(hf_v2):
     # Four requests for two slots: prompts of one and of several prefill chunks (packed with decode rows), outputs
     # of different lengths.
     work = [([int(t) for t in rng.integers(3, 150, n)], m) for n, m in ((5, 9), (37, 6), (12, 11), (3, 7))]
-    reqs = [Request(str(i), p, SamplingParams(max_tokens=m)) for i, (p, m) in enumerate(work)]
-    for r in reqs:
-        sched.add(r)
-    for _ in range(500):
-        if not sched.has_work:
-            break
-        sched.step()
-    assert not sched.has_work and sched.pages_in_use == 0
+    reqs = run(sched, work)
+    assert sched.pages_in_use == 0
     for r, (p, m) in zip(reqs, work):
         assert r.output == hf_greedy(torch_model, p, m), f"request {r.id}"
