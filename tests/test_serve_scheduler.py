@@ -132,3 +132,24 @@ def test_pallas_paged_kernel_engine_equals_xla(offline):
     reqs = run(sched, workload()[1:3])  # prompts of 15 (one chunk) and 36 tokens (three), then 14 and 13 decodes
     assert [r.output for r in reqs] == offline[1:3] and sched.pages_in_use == 0
 
+
+
+def test_prefill_cap_in_decoding_steps_matches_offline(model, offline):
+    """max_prefill_tokens: a step that decodes carries at most that many prefill tokens, or what fills the rows its
+    decodes are padded to (8 rows here); an idle engine prefills a full step. Outputs unchanged, pages returned."""
+    sched = Scheduler(model, num_pages=12, max_prefill_tokens=6, **KNOBS)
+    plan = sched._schedule
+    seen = []
+
+    def checked():
+        decoding = {id(r) for r in sched.running if len(r.tokens) - r.num_cached == 1}
+        rows = plan()
+        prefill = sum(n for r, n in rows if id(r) not in decoding)
+        assert prefill <= (max(6, 8 - len(decoding)) if decoding else KNOBS["max_tokens_per_step"])
+        seen.append((len(decoding), prefill))
+        return rows
+
+    sched._schedule = checked
+    reqs = run(sched, workload()[:8])
+    assert [r.output for r in reqs] == offline[:8] and sched.pages_in_use == 0
+    assert (3, 6) in seen and (1, 7) in seen and max(p for d, p in seen if not d) > 8  # every regime exercised

@@ -75,10 +75,10 @@ def equal_memory_slots(pages: int, args) -> int:
     return 1 << (fits.bit_length() - 1)
 
 
-def make_scheduler(model, pages: int, max_running: int, args) -> Scheduler:
+def make_scheduler(model, pages: int, max_running: int, args, max_prefill_tokens: int | None = None) -> Scheduler:
     return Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=max_running,
                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
-                     cache_dtype=jnp.float32, max_model_len=args.max_model_len)
+                     max_prefill_tokens=max_prefill_tokens, cache_dtype=jnp.float32, max_model_len=args.max_model_len)
 
 
 def run_continuous(sched: Scheduler, work) -> tuple[list[list[float]], dict]:
@@ -246,6 +246,9 @@ def main() -> None:
     ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
     ap.add_argument("--max-tokens-per-step", type=int, default=128, help="token rows per continuous step")
     ap.add_argument("--max-prefill-chunk", type=int, default=None)
+    ap.add_argument("--max-prefill-tokens", default=None,
+                    help="prefill tokens in a continuous step that also decodes (default: --max-tokens-per-step); "
+                         "comma-separated values (0: no cap) run each as its own row, e.g. 0,32")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--no-equal-slots", action="store_true", help="skip the equal-slots row")
@@ -267,12 +270,15 @@ def main() -> None:
     work = make_workload(args.requests, args.rate, args.prompt_len, args.output_len, cfg.vocab_size, args.seed)
     pages = pages_for_budget(cfg, args.page_size, jnp.float32, static_cache_bytes(cfg, args))
     slots = args.max_running or equal_memory_slots(pages, args)
-    modes = {f"continuous, equal memory ({slots} slots)": slots}
+    caps = [int(c) or None for c in args.max_prefill_tokens.split(",")] if args.max_prefill_tokens else [None]
+    kinds = {f"equal memory ({slots} slots": slots}
     if not args.no_equal_slots:
-        modes[f"continuous, equal slots ({args.static_batch} slots)"] = args.static_batch
+        kinds[f"equal slots ({args.static_batch} slots"] = args.static_batch
+    modes = {f"continuous, {kind}{f', prefill <= {c}/step' if c else ''})": (n, c)
+             for kind, n in kinds.items() for c in caps}
     print(f"pool: {pages} pages of {args.page_size} = the static cache's {static_cache_bytes(cfg, args)} B",
           file=sys.stderr)
-    scheds = {name: make_scheduler(model, pages, n, args) for name, n in modes.items()}
+    scheds = {name: make_scheduler(model, pages, n, args, c) for name, (n, c) in modes.items()}
     t = time.perf_counter()
     shapes = sum(s.warmup() for s in scheds.values())
     print(f"compiled {shapes} scheduler shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -301,7 +307,8 @@ def main() -> None:
     base = rows[-1]["throughput_tok_s"]
     for r in rows:
         r.update(throughput_x=r["throughput_tok_s"] / base, loadavg_1m=loads, rate=args.rate, pool_pages=pages,
-                 static_batch=args.static_batch, max_running=modes.get(r["engine"]), preset=args.preset,
+                 static_batch=args.static_batch, max_running=modes.get(r["engine"], (None,))[0],
+                 max_prefill_tokens=modes.get(r["engine"], (None, None))[1], preset=args.preset,
                  repeats=args.repeats, recompiled=recompiled)
     cols = ["engine", "throughput_tok_s", "throughput_x", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
             "makespan_s", "output_tokens"]
