@@ -67,8 +67,8 @@ class Scheduler:
     page_size: tokens per page. num_pages (trash page included) or cache_memory_bytes sizes the pool (default
     256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
     max_prefill_chunk: longest prefill chunk of one request (default max_tokens_per_step). max_prefill_tokens: prefill
-    tokens in a step that also decodes (default max_tokens_per_step; more when the decode rows' padding to a row
-    bucket leaves more rows free): the cap on the prefill work a running stream's next token waits for (TPOT). max_model_len: prompt +
+    tokens in a step that also decodes (default max_tokens_per_step), rounded up to fill the step's row bucket: the
+    bound on the prefill work a running stream's next token waits for (TPOT). max_model_len: prompt +
     output limit (default the model's max_position_embeddings, capped by the pool). cache_sharding places the pool
     (replicated on a mesh).
     """
@@ -199,11 +199,11 @@ class Scheduler:
         decoding = [r for r in self.running if len(r.tokens) - r.num_cached == 1][:self.max_tokens_per_step]
         plan = {id(r): 1 for r in decoding}
         decode_ids = set(plan)
-        # A step that decodes carries at most max_prefill_tokens of prefill (what a stream's next token waits for),
-        # or as many as fill the rows its decodes are padded to anyway.
+        # A step that decodes carries max_prefill_tokens of prefill (what a stream's next token waits for), rounded
+        # up to fill the row bucket the step is padded to anyway (a padding row costs what a token row does).
         prefill_cap = self.max_tokens_per_step
         if plan:
-            prefill_cap = max(self.max_prefill_tokens, _bucket(len(plan), self.token_cap, MIN_ROW_BUCKET) - len(plan))
+            prefill_cap = _bucket(len(plan) + self.max_prefill_tokens, self.token_cap, MIN_ROW_BUCKET) - len(plan)
         budget = min(self.max_tokens_per_step - len(plan), prefill_cap)
         for r in self.running:
             if id(r) not in plan and budget > 0:
