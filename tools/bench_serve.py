@@ -24,6 +24,7 @@ exact (no EOS), so both engines produce the same tokens.
   python tools/bench_serve.py --requests 64 --rate 100 --repeats 2 --json results.jsonl
   python tools/bench_serve.py --pool-sweep 129,2049,8193     # paged step time vs page-pool size
   python tools/bench_serve.py --batch-sweep 8,16,32,64       # decode step time vs batch, both engines
+  python tools/bench_serve.py --step-sweep                   # paged step time vs token rows x table width
 """
 
 from __future__ import annotations
@@ -194,6 +195,31 @@ def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
     print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
 
 
+def step_sweep(model, args, rounds: int = 10) -> None:
+    """Median ms of one paged step (dispatch, and to the result) per (token rows, block-table width), interleaved:
+    what a step costs as its rows and its widest sequence grow (decode and prefill rows cost alike)."""
+    sched = make_scheduler(model, 129, 32, args)
+    shapes = sched.bucket_shapes()
+    res = {shape: [] for shape in shapes}
+    for k in range(rounds + 2):
+        for n, w in shapes:
+            rows = np.stack([np.ones(n, np.int32), np.full(n, w * args.page_size - 1, np.int32),  # full tables
+                             np.ones(n, np.int32), np.full(n, -1, np.int32)])
+            tables = (np.arange(n * w).reshape(n, w) % 128 + 1).astype(np.int32)
+            knobs = np.zeros((4, sched.batch_cap), np.int32)
+            probs = np.stack([np.zeros(sched.batch_cap, np.float32), np.ones(sched.batch_cap, np.float32)])
+            s = time.perf_counter()
+            out = sched._call(sched._no_tokens, rows, tables, knobs, probs)
+            d = time.perf_counter()
+            out.block_until_ready()
+            if k >= 2:
+                res[(n, w)].append((d - s, time.perf_counter() - s))
+    print("| token rows | width (pages) | dispatch ms | step ms |\n|---|---|---|---|")
+    for (n, w), ts in res.items():
+        print(f"| {n} | {w} | {np.median([t[0] for t in ts]) * 1e3:.2f} | {np.median([t[1] for t in ts]) * 1e3:.2f} |")
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
+
+
 def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
     """Median ms of one decode step per batch size, interleaved: the paged step [B,1] at a 160-token context
     (3 pages) and the static engine's step over its [B, --max-model-len] cache (same context)."""
@@ -256,6 +282,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-sweep", default=None, help="comma-separated page counts: time the paged step only")
     ap.add_argument("--batch-sweep", default=None, help="comma-separated batch sizes: time both decode steps only")
+    ap.add_argument("--step-sweep", action="store_true", help="time the paged step per (token rows, table width)")
     ap.add_argument("--json", default=None, help="append the result rows to this JSONL file")
     args = ap.parse_args()
 
@@ -263,6 +290,9 @@ def main() -> None:
     model = init_model(cfg, seed=0)
     if args.pool_sweep:
         pool_sweep(model, [int(p) for p in args.pool_sweep.split(",")], args)
+        return
+    if args.step_sweep:
+        step_sweep(model, args)
         return
     if args.batch_sweep:
         batch_sweep(model, [int(b) for b in args.batch_sweep.split(",")], args)
