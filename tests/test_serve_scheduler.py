@@ -151,7 +151,10 @@ def test_prefill_cap_in_decoding_steps_matches_offline(model, offline):
         return rows
 
     sched._schedule = checked
+    sched.warmup()
+    compiled = compiled_shapes()
     reqs = run(sched, workload()[:8])
     assert [r.output for r in reqs] == offline[:8] and sched.pages_in_use == 0
+    assert compiled_shapes() == compiled  # the same bucket shapes: nothing recompiles
     assert any(d and p == cap[d] for d, p in seen), seen  # the cap binds (24 - d would be allowed without it)
     assert max(p for d, p in seen if not d) > 8  # an idle engine is not capped
