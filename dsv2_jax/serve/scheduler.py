@@ -75,14 +75,16 @@ class Scheduler:
 
     def __init__(self, model: DeepseekV2, *, page_size: int = 64, num_pages: int | None = None,
                  cache_memory_bytes: int = 256 << 20, max_running: int = 16, max_tokens_per_step: int = 256,
-                 max_prefill_chunk: int | None = None, max_prefill_tokens: int | None = None, max_model_len: int | None = None, cache_dtype=jnp.bfloat16,
-                 cache_sharding=None):
+                 max_prefill_chunk: int | None = None, max_prefill_tokens: int | None = None,
+                 max_model_len: int | None = None, cache_dtype=jnp.bfloat16, cache_sharding=None):
         cfg = self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         if num_pages is None:
             num_pages = pages_for_budget(cfg, page_size, cache_dtype, cache_memory_bytes)
+        if max_prefill_tokens is None:
+            max_prefill_tokens = max_tokens_per_step
         for name, v in (("page_size", page_size), ("max_running", max_running),
-                        ("max_tokens_per_step", max_tokens_per_step)):
+                        ("max_tokens_per_step", max_tokens_per_step), ("max_prefill_tokens", max_prefill_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.cache = PagedLatentCache.zeros(cfg, num_pages, page_size, cache_dtype, cache_sharding)
@@ -91,7 +93,7 @@ class Scheduler:
         self.max_running = max_running
         self.max_tokens_per_step = max_tokens_per_step
         self.max_prefill_chunk = min(max_prefill_chunk or max_tokens_per_step, max_tokens_per_step)
-        self.max_prefill_tokens = max_prefill_tokens or max_tokens_per_step
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.batch_cap = _bucket(max_running, 1 << 30)
