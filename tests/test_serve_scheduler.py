@@ -132,3 +132,29 @@ def test_pallas_paged_kernel_engine_equals_xla(offline):
     reqs = run(sched, workload()[1:3])  # prompts of 15 (one chunk) and 36 tokens (three), then 14 and 13 decodes
     assert [r.output for r in reqs] == offline[1:3] and sched.pages_in_use == 0
 
+
+
+def test_prefill_cap_in_decoding_steps_matches_offline(model, offline):
+    """max_prefill_tokens: a step that decodes carries that many prefill tokens, rounded up to fill its row bucket
+    (>= 8 rows); an idle engine prefills a full step. Outputs unchanged, pages returned."""
+    sched = Scheduler(model, num_pages=12, max_prefill_tokens=6, **KNOBS)
+    plan = sched._schedule
+    cap = {d: (8 if d + 6 <= 8 else 16) - d for d in range(1, 5)}  # max_running 4
+    seen = []
+
+    def checked():
+        decoding = {id(r) for r in sched.running if len(r.tokens) - r.num_cached == 1}
+        rows = plan()
+        prefill = sum(n for r, n in rows if id(r) not in decoding)
+        assert prefill <= (cap[len(decoding)] if decoding else KNOBS["max_tokens_per_step"])
+        seen.append((len(decoding), prefill))
+        return rows
+
+    sched._schedule = checked
+    sched.warmup()
+    compiled = compiled_shapes()
+    reqs = run(sched, workload()[:8])
+    assert [r.output for r in reqs] == offline[:8] and sched.pages_in_use == 0
+    assert compiled_shapes() == compiled  # the same bucket shapes: nothing recompiles
+    assert any(d and p == cap[d] for d, p in seen), seen  # the cap binds (24 - d would be allowed without it)
+    assert max(p for d, p in seen if not d) > 8  # an idle engine is not capped

@@ -24,6 +24,7 @@ exact (no EOS), so both engines produce the same tokens.
   python tools/bench_serve.py --requests 64 --rate 100 --repeats 2 --json results.jsonl
   python tools/bench_serve.py --pool-sweep 129,2049,8193     # paged step time vs page-pool size
   python tools/bench_serve.py --batch-sweep 8,16,32,64       # decode step time vs batch, both engines
+  python tools/bench_serve.py --step-sweep                   # paged step time vs token rows x table width
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def equal_memory_slots(pages: int, args) -> int:
     return 1 << (fits.bit_length() - 1)
 
 
-def make_scheduler(model, pages: int, max_running: int, args) -> Scheduler:
+def make_scheduler(model, pages: int, max_running: int, args, max_prefill_tokens: int | None = None) -> Scheduler:
     return Scheduler(model, page_size=args.page_size, num_pages=pages, max_running=max_running,
                      max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
-                     cache_dtype=jnp.float32, max_model_len=args.max_model_len)
+                     max_prefill_tokens=max_prefill_tokens, cache_dtype=jnp.float32, max_model_len=args.max_model_len)
 
 
 def run_continuous(sched: Scheduler, work) -> tuple[list[list[float]], dict]:
@@ -194,6 +195,31 @@ def pool_sweep(model, pools: list[int], args, rounds: int = 15) -> None:
     print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
 
 
+def step_sweep(model, args, rounds: int = 10) -> None:
+    """Median ms of one paged step (dispatch, and to the result) per (token rows, block-table width), interleaved:
+    what a step costs as its rows and its widest sequence grow (decode and prefill rows cost alike)."""
+    sched = make_scheduler(model, 129, 32, args)
+    shapes = sched.bucket_shapes()
+    res = {shape: [] for shape in shapes}
+    for k in range(rounds + 2):
+        for n, w in shapes:
+            rows = np.stack([np.ones(n, np.int32), np.full(n, w * args.page_size - 1, np.int32),  # full tables
+                             np.ones(n, np.int32), np.full(n, -1, np.int32)])
+            tables = (np.arange(n * w).reshape(n, w) % 128 + 1).astype(np.int32)
+            knobs = np.zeros((4, sched.batch_cap), np.int32)
+            probs = np.stack([np.zeros(sched.batch_cap, np.float32), np.ones(sched.batch_cap, np.float32)])
+            s = time.perf_counter()
+            out = sched._call(sched._no_tokens, rows, tables, knobs, probs)
+            d = time.perf_counter()
+            out.block_until_ready()
+            if k >= 2:
+                res[(n, w)].append((d - s, time.perf_counter() - s))
+    print("| token rows | width (pages) | dispatch ms | step ms |\n|---|---|---|---|")
+    for (n, w), ts in res.items():
+        print(f"| {n} | {w} | {np.median([t[0] for t in ts]) * 1e3:.2f} | {np.median([t[1] for t in ts]) * 1e3:.2f} |")
+    print(f"load average (1 min): {os.getloadavg()[0]:.2f}")
+
+
 def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
     """Median ms of one decode step per batch size, interleaved: the paged step [B,1] at a 160-token context
     (3 pages) and the static engine's step over its [B, --max-model-len] cache (same context)."""
@@ -246,6 +272,9 @@ def main() -> None:
     ap.add_argument("--batch-timeout", type=float, default=0.5, help="s the static engine waits to fill a batch")
     ap.add_argument("--max-tokens-per-step", type=int, default=128, help="token rows per continuous step")
     ap.add_argument("--max-prefill-chunk", type=int, default=None)
+    ap.add_argument("--max-prefill-tokens", default=None,
+                    help="prefill tokens in a continuous step that also decodes (default: --max-tokens-per-step); "
+                         "comma-separated values (0: no cap) run each as its own row, e.g. 0,32")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--no-equal-slots", action="store_true", help="skip the equal-slots row")
@@ -253,6 +282,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-sweep", default=None, help="comma-separated page counts: time the paged step only")
     ap.add_argument("--batch-sweep", default=None, help="comma-separated batch sizes: time both decode steps only")
+    ap.add_argument("--step-sweep", action="store_true", help="time the paged step per (token rows, table width)")
     ap.add_argument("--json", default=None, help="append the result rows to this JSONL file")
     args = ap.parse_args()
 
@@ -261,18 +291,24 @@ def main() -> None:
     if args.pool_sweep:
         pool_sweep(model, [int(p) for p in args.pool_sweep.split(",")], args)
         return
+    if args.step_sweep:
+        step_sweep(model, args)
+        return
     if args.batch_sweep:
         batch_sweep(model, [int(b) for b in args.batch_sweep.split(",")], args)
         return
     work = make_workload(args.requests, args.rate, args.prompt_len, args.output_len, cfg.vocab_size, args.seed)
     pages = pages_for_budget(cfg, args.page_size, jnp.float32, static_cache_bytes(cfg, args))
     slots = args.max_running or equal_memory_slots(pages, args)
-    modes = {f"continuous, equal memory ({slots} slots)": slots}
+    caps = [int(c) or None for c in args.max_prefill_tokens.split(",")] if args.max_prefill_tokens else [None]
+    kinds = {f"equal memory ({slots} slots": slots}
     if not args.no_equal_slots:
-        modes[f"continuous, equal slots ({args.static_batch} slots)"] = args.static_batch
+        kinds[f"equal slots ({args.static_batch} slots"] = args.static_batch
+    modes = {f"continuous, {kind}{f', prefill <= {c}/step' if c else ''})": (n, c)
+             for kind, n in kinds.items() for c in caps}
     print(f"pool: {pages} pages of {args.page_size} = the static cache's {static_cache_bytes(cfg, args)} B",
           file=sys.stderr)
-    scheds = {name: make_scheduler(model, pages, n, args) for name, n in modes.items()}
+    scheds = {name: make_scheduler(model, pages, n, args, c) for name, (n, c) in modes.items()}
     t = time.perf_counter()
     shapes = sum(s.warmup() for s in scheds.values())
     print(f"compiled {shapes} scheduler shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -301,7 +337,8 @@ def main() -> None:
     base = rows[-1]["throughput_tok_s"]
     for r in rows:
         r.update(throughput_x=r["throughput_tok_s"] / base, loadavg_1m=loads, rate=args.rate, pool_pages=pages,
-                 static_batch=args.static_batch, max_running=modes.get(r["engine"]), preset=args.preset,
+                 static_batch=args.static_batch, max_running=modes.get(r["engine"], (None,))[0],
+                 max_prefill_tokens=modes.get(r["engine"], (None, None))[1], preset=args.preset,
                  repeats=args.repeats, recompiled=recompiled)
     cols = ["engine", "throughput_tok_s", "throughput_x", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
             "makespan_s", "output_tokens"]

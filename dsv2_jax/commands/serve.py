@@ -37,7 +37,7 @@ def run(args) -> int:
     sched = Scheduler(model, page_size=args.page_size, num_pages=args.num_pages,
                       cache_memory_bytes=int(args.cache_memory_mib * MIB), max_running=args.max_running,
                       max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
-                      max_model_len=args.max_model_len, cache_dtype=jnp.dtype(args.cache_dtype),
+                      max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len, cache_dtype=jnp.dtype(args.cache_dtype),
                       cache_sharding=sharding)
     if not args.no_warmup:
         print(f"dsv2 serve: compiling {len(sched.bucket_shapes())} step shapes", file=sys.stderr, flush=True)
@@ -73,6 +73,8 @@ def register(sub) -> None:
     p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="tokens computed per step (prefill + decode)")
     p.add_argument("--max-prefill-chunk", type=int, default=None, help="longest prefill chunk of one request")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prefill tokens in a step that also decodes (default --max-tokens-per-step): bounds TPOT")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
     p.add_argument("--max-waiting", type=int, default=128, help="queued requests beyond max-running before HTTP 429")
     p.add_argument("--no-bos", action="store_true", help="do not prepend bos to /v1/completions text prompts")

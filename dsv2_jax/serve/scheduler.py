@@ -66,21 +66,25 @@ class Scheduler:
 
     page_size: tokens per page. num_pages (trash page included) or cache_memory_bytes sizes the pool (default
     256 MiB). max_running: concurrent sequences. max_tokens_per_step: tokens computed per step, all rows.
-    max_prefill_chunk: longest prefill chunk of one request (default max_tokens_per_step). max_model_len: prompt +
+    max_prefill_chunk: longest prefill chunk of one request (default max_tokens_per_step). max_prefill_tokens: prefill
+    tokens in a step that also decodes (default max_tokens_per_step), rounded up to fill the step's row bucket: the
+    bound on the prefill work a running stream's next token waits for (TPOT). max_model_len: prompt +
     output limit (default the model's max_position_embeddings, capped by the pool). cache_sharding places the pool
     (replicated on a mesh).
     """
 
     def __init__(self, model: DeepseekV2, *, page_size: int = 64, num_pages: int | None = None,
                  cache_memory_bytes: int = 256 << 20, max_running: int = 16, max_tokens_per_step: int = 256,
-                 max_prefill_chunk: int | None = None, max_model_len: int | None = None, cache_dtype=jnp.bfloat16,
-                 cache_sharding=None):
+                 max_prefill_chunk: int | None = None, max_prefill_tokens: int | None = None,
+                 max_model_len: int | None = None, cache_dtype=jnp.bfloat16, cache_sharding=None):
         cfg = self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         if num_pages is None:
             num_pages = pages_for_budget(cfg, page_size, cache_dtype, cache_memory_bytes)
+        if max_prefill_tokens is None:
+            max_prefill_tokens = max_tokens_per_step
         for name, v in (("page_size", page_size), ("max_running", max_running),
-                        ("max_tokens_per_step", max_tokens_per_step)):
+                        ("max_tokens_per_step", max_tokens_per_step), ("max_prefill_tokens", max_prefill_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.cache = PagedLatentCache.zeros(cfg, num_pages, page_size, cache_dtype, cache_sharding)
@@ -89,6 +93,7 @@ class Scheduler:
         self.max_running = max_running
         self.max_tokens_per_step = max_tokens_per_step
         self.max_prefill_chunk = min(max_prefill_chunk or max_tokens_per_step, max_tokens_per_step)
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.batch_cap = _bucket(max_running, 1 << 30)
@@ -195,7 +200,13 @@ class Scheduler:
         # first; then pages for the plan, oldest first, preempting the youngest when the pool runs dry.
         decoding = [r for r in self.running if len(r.tokens) - r.num_cached == 1][:self.max_tokens_per_step]
         plan = {id(r): 1 for r in decoding}
-        budget = self.max_tokens_per_step - len(plan)
+        decode_ids = set(plan)
+        # A step that decodes carries max_prefill_tokens of prefill (what a stream's next token waits for), rounded
+        # up to fill the row bucket the step is padded to anyway (a padding row costs what a token row does).
+        prefill_cap = self.max_tokens_per_step
+        if plan:
+            prefill_cap = _bucket(len(plan) + self.max_prefill_tokens, self.token_cap, MIN_ROW_BUCKET) - len(plan)
+        budget = min(self.max_tokens_per_step - len(plan), prefill_cap)
         for r in self.running:
             if id(r) not in plan and budget > 0:
                 plan[id(r)] = min(len(r.tokens) - r.num_cached, budget, self.max_prefill_chunk)
@@ -216,7 +227,8 @@ class Scheduler:
             if n:
                 rows.append((req, n))
             i += 1
-        budget = self.max_tokens_per_step - sum(n for _, n in rows)
+        prefill = sum(n for r, n in rows if id(r) not in decode_ids)
+        budget = min(self.max_tokens_per_step - sum(n for _, n in rows), prefill_cap - prefill)
         while self.waiting and not preempted and len(self.running) < self.max_running and budget > 0:
             req = self.waiting[0]
             self._share_prefix(req)
