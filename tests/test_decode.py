@@ -53,6 +53,17 @@ def test_greedy_matches_transformers(case, engine):
     assert engine.stats.new_tokens == 3 * NEW and engine.tokens_per_s > 0
 
 
+def test_engines_over_equal_models_share_compiled_steps(hf_checkpoint, case, engine):
+    """The jitted steps take an interned ModelDef (hashed by identity, not the GraphDef on every call): a second
+    engine over the same checkpoint gets the same one and reuses the compiled prefill/decode, same tokens."""
+    engine.generate(PROMPTS, NEW)
+    compiled = prefill_and_sample._cache_size(), decode_and_sample._cache_size()
+    other = DecodeEngine(load_model(hf_checkpoint[1]), cache_dtype=jnp.float32)
+    assert other.model_def is engine.model_def and other.weights is not engine.weights
+    assert other.generate(PROMPTS, NEW) == case[3]
+    assert (prefill_and_sample._cache_size(), decode_and_sample._cache_size()) == compiled
+
+
 def test_default_cache_is_bf16_and_sized_exactly(case):
     cfg = case[1].config
     cache = LatentCache.zeros(cfg, batch=2, max_len=64)
@@ -67,10 +78,10 @@ def test_every_decode_step_matches_teacher_forced_forward(engine):
     tokens, lengths, cache = engine.batch(PROMPTS, NEW)
     knobs = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
     key = jax.random.key(0)
-    tok, logits, cache = prefill_and_sample(engine.graphdef, engine.state, cache, tokens, lengths, key, *knobs)
+    tok, logits, cache = prefill_and_sample(engine.model_def, engine.weights, cache, tokens, lengths, key, *knobs)
     got, seqs = [logits], [tok]
     for step in range(1, NEW):
-        tok, logits, cache = decode_and_sample(engine.graphdef, engine.state, cache, tok, key, jnp.int32(step),
+        tok, logits, cache = decode_and_sample(engine.model_def, engine.weights, cache, tok, key, jnp.int32(step),
                                                *knobs)
         got.append(logits)
         seqs.append(tok)
@@ -79,7 +90,7 @@ def test_every_decode_step_matches_teacher_forced_forward(engine):
     full = np.zeros((len(PROMPTS), max(map(len, PROMPTS)) + NEW), np.int32)  # right-padded: causal ignores pad
     for i, p in enumerate(PROMPTS):
         full[i, :len(p) + NEW] = p + new[i].tolist()
-    want = np.asarray(jax.jit(lambda s, ids: nnx.merge(engine.graphdef, s)(ids))(engine.state, jnp.asarray(full)))
+    want = np.asarray(jax.jit(lambda w, ids: engine.model_def.merge(w)(ids))(engine.weights, jnp.asarray(full)))
     for i, p in enumerate(PROMPTS):
         np.testing.assert_allclose(got[i], want[i, len(p) - 1:len(p) - 1 + NEW], atol=1e-4, rtol=1e-4)
 
@@ -90,13 +101,13 @@ def test_dense_cache_continues_a_prompt_in_chunks(engine):
     ids = jnp.asarray([PROMPTS[2]])  # 23 tokens
 
     @jax.jit
-    def both(state, ids):
-        model = nnx.merge(engine.graphdef, state)
+    def both(weights, ids):
+        model = engine.model_def.merge(weights)
         _, cache = prefill(model, LatentCache.zeros(model.config, 1, 32, jnp.float32), ids[:, :9], jnp.array([9]))
         h, cache, _ = model.forward(ids[:, 9:], 9 + jnp.arange(14, dtype=jnp.int32)[None], cache=cache)
         return model.logits(h), model(ids)[:, 9:], cache
 
-    got, want, cache = both(engine.state, ids)
+    got, want, cache = both(engine.weights, ids)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert not cache.fresh and int(cache.lengths[0]) == 9  # the caller advances lengths
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dsv2_jax import DecodeEngine, ModelConfig, load_model
 from dsv2_jax.infer.engine import decode_and_sample
+from dsv2_jax.infer.jit_model import split_for_jit
 from dsv2_jax.infer.latent_cache import LatentCache
 from kernels_pallas.reference import masked_softmax
 
@@ -107,7 +107,7 @@ def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
     """Decode-step time of the absorbed latent cache vs a naive decompressed K/V cache (plus MHA-equivalent bytes),
     `new` steps from `context` cached tokens; rows carry impl, cache_bytes, s and tokens_per_s."""
     cfg = model.config
-    graphdef, state = nnx.split(model)
+    model_def, weights = split_for_jit(model)
     max_len = 1 << (context + new).bit_length()
     rng = np.random.default_rng(0)
     lengths = jnp.full((batch,), context, jnp.int32)
@@ -120,7 +120,7 @@ def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
     key = jax.random.key(0)
 
     def latent(tok, cache):
-        tok, _, cache = decode_and_sample(graphdef, state, cache, tok, key, jnp.int32(1), *knobs)
+        tok, _, cache = decode_and_sample(model_def, weights, cache, tok, key, jnp.int32(1), *knobs)
         return tok, cache
     dt = time_steps(latent, (tokens, cache), new)
     rows.append({"impl": "latent_absorbed", "cache_bytes": latent_bytes, "s": dt})
@@ -128,7 +128,7 @@ def cache_throughput(model, batch: int, context: int, new: int) -> list[dict]:
     h = cfg.num_attention_heads
     naive_cache = NaiveKVCache.zeros(cfg, batch, max_len, jnp.full((batch,), context, jnp.int32))  # lengths: donated
     naive_bytes = sum(a.size * a.dtype.itemsize for a in (*naive_cache.k, *naive_cache.v))
-    naive = jax.jit(lambda tok, c: naive_step(nnx.merge(graphdef, state), c, tok), donate_argnums=1)
+    naive = jax.jit(lambda tok, c: naive_step(model_def.merge(weights), c, tok), donate_argnums=1)
     dt = time_steps(naive, (tokens, naive_cache), new)
     rows.append({"impl": "naive_decompressed_kv", "cache_bytes": naive_bytes, "s": dt})
     rows.append({"impl": "mha_equivalent", "cache_bytes": 2 * h * cfg.v_head_dim * cfg.num_hidden_layers * 2 * batch

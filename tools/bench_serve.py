@@ -233,7 +233,7 @@ def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
     static_caches = {}
     for b in batches:  # a cache holding ctx tokens per row, from the engine's own prefill
         tokens, lengths, cache = engine.batch([[5] * ctx] * b, 2)
-        _, _, static_caches[b] = prefill_and_sample(engine.graphdef, engine.state, cache, tokens, lengths, key, *knobs)
+        _, _, static_caches[b] = prefill_and_sample(engine.model_def, engine.weights, cache, tokens, lengths, key, *knobs)
 
     def paged(b):
         tables = np.zeros((b, sched._width(pages)), np.int32)
@@ -241,7 +241,7 @@ def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
         return paged_rows(sched, tables, ctx, 1)
 
     def static(b):
-        tok, _, static_caches[b] = decode_and_sample(engine.graphdef, engine.state, static_caches[b],
+        tok, _, static_caches[b] = decode_and_sample(engine.model_def, engine.weights, static_caches[b],
                                                      jnp.ones(b, jnp.int32), key, jnp.int32(1), *knobs)
         return tok
 

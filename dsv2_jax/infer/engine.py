@@ -1,7 +1,7 @@
 """Batched generation: jitted prefill + per-token decode over a donated latent cache, with sampling and EOS.
 
-The compiled functions are module-level and take the model's graphdef as a static argument, so every engine over
-the same architecture shares them; shapes are fixed per (batch, prompt bucket, max_len), so decoding never
+The compiled functions are module-level and take the model's interned `ModelDef` as a static argument
+(jit_model.py), so every engine over the same architecture shares them; shapes are fixed per (batch, prompt bucket, max_len), so decoding never
 recompiles per token. Prompt lengths are bucketed to powers of two.
 """
 
@@ -14,9 +14,9 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dsv2_jax.infer.decode import decode_step, prefill
+from dsv2_jax.infer.jit_model import split_for_jit
 from dsv2_jax.infer.latent_cache import LatentCache
 from dsv2_jax.model.transformer import DeepseekV2
 from dsv2_jax.infer.sampling import sample
@@ -25,17 +25,18 @@ from dsv2_jax.infer.sampling_args import check_count, check_max_new_tokens, chec
 MIN_BUCKET = 16
 
 
-def _prefill_and_sample(graphdef, state, cache, tokens, lengths, key, temperature, top_k, top_p):
-    logits, cache = prefill(nnx.merge(graphdef, state), cache, tokens, lengths)
+def _prefill_and_sample(model_def, weights, cache, tokens, lengths, key, temperature, top_k, top_p):
+    logits, cache = prefill(model_def.merge(weights), cache, tokens, lengths)
     return sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p), logits, cache
 
 
-def _decode_and_sample(graphdef, state, cache, tokens, key, step, temperature, top_k, top_p):
-    logits, cache = decode_step(nnx.merge(graphdef, state), cache, tokens)
+def _decode_and_sample(model_def, weights, cache, tokens, key, step, temperature, top_k, top_p):
+    logits, cache = decode_step(model_def.merge(weights), cache, tokens)
     return sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p), logits, cache
 
 
-# (graphdef, state, cache, ...) -> (next tokens [B], their logits [B, V], cache); the cache is donated.
+# (model_def, weights, cache, ...) -> (next tokens [B], their logits [B, V], cache); the cache is donated.
+# model_def, weights: `split_for_jit(model)` (a per-call GraphDef hash would cost more than a tiny decode step).
 prefill_and_sample = jax.jit(_prefill_and_sample, static_argnums=0, donate_argnums=2)
 decode_and_sample = jax.jit(_decode_and_sample, static_argnums=0, donate_argnums=2)
 
@@ -70,7 +71,7 @@ class DecodeEngine:
 
     def __init__(self, model: DeepseekV2, max_len: int | None = None, cache_dtype=jnp.bfloat16):
         self.config = model.config
-        self.graphdef, self.state = nnx.split(model)
+        self.model_def, self.weights = split_for_jit(model)
         if max_len is not None and check_count("max_len", max_len, 1) > self.config.max_position_embeddings:
             # positions past max_position_embeddings are outside what the model (and its RoPE scaling) covers
             raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings "
@@ -130,7 +131,7 @@ class DecodeEngine:
                                  cache_nbytes=cache.nbytes)
 
         t0 = time.perf_counter()
-        tok, _, cache = prefill_and_sample(self.graphdef, self.state, cache, tokens, lengths, key, *knobs)
+        tok, _, cache = prefill_and_sample(self.model_def, self.weights, cache, tokens, lengths, key, *knobs)
         tok.block_until_ready()
         t1 = time.perf_counter()
         self.stats.prefill_s = t1 - t0
@@ -139,7 +140,7 @@ class DecodeEngine:
             # Dispatch the next step before reading this one's tokens, so host work overlaps device work.
             more = step + 1 < max_new_tokens
             if more:
-                nxt, _, cache = decode_and_sample(self.graphdef, self.state, cache, tok, key, jnp.int32(step + 1),
+                nxt, _, cache = decode_and_sample(self.model_def, self.weights, cache, tok, key, jnp.int32(step + 1),
                                                   *knobs)
             host = np.asarray(tok)
             out = [None if done[i] else int(host[i]) for i in range(b)]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from dsv2_jax.model.transformer import DeepseekV2
 from dsv2_jax.infer.sampling import sample
@@ -46,19 +45,20 @@ def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
                         lambda: jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32))
 
 
-def _step_and_sample(graphdef, state, cache, prev, rows, block_tables, knobs, probs):
+def _step_and_sample(model_def, weights, cache, prev, rows, block_tables, knobs, probs):
     tokens, positions, valid, source = rows
     tokens = jnp.where(source >= 0, prev[jnp.maximum(source, 0)], tokens)  # decode inputs still on the device
     sample_idx, seeds, steps, top_k = knobs
     temperature, top_p = probs
-    logits, cache = packed_forward(nnx.merge(graphdef, state), cache, tokens, positions, valid, block_tables,
+    logits, cache = packed_forward(model_def.merge(weights), cache, tokens, positions, valid, block_tables,
                                    sample_idx)
     return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
 
-# (graphdef, state, cache, prev [R] int32 (the previous call's output), rows [4, N] int32 (tokens, positions, valid,
-#  source: -1, or the index in prev of the row's token), block_tables [N, W] int32, knobs [4, R] int32 (sample_idx,
-#  seeds, steps, top_k), probs [2, R] fp32 (temperature, top_p)) -> (next token per sampled row [R], cache). Four
+# (model_def, weights (`split_for_jit`), cache, prev [R] int32 (the previous call's output), rows [4, N] int32
+#  (tokens, positions, valid, source: -1, or the index in prev of the row's token), block_tables [N, W] int32,
+#  knobs [4, R] int32 (sample_idx, seeds, steps, top_k), probs [2, R] fp32 (temperature, top_p)) -> (next token
+#  per sampled row [R], cache). Four
 # host arrays a step (each transfer has a fixed cost); prev stays on the device, so a decode step can be dispatched
 # before the previous one's tokens are read back; the cache is donated.
 step_and_sample = jax.jit(_step_and_sample, static_argnums=0, donate_argnums=2)

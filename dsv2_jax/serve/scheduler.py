@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from dsv2_jax.infer.jit_model import split_for_jit
 from dsv2_jax.model.transformer import DeepseekV2
 from dsv2_jax.serve.page_allocator import PageAllocator, page_hashes
 from dsv2_jax.serve.paged_cache import PagedLatentCache, pages_for_budget
@@ -78,7 +78,7 @@ class Scheduler:
                  max_prefill_chunk: int | None = None, max_prefill_tokens: int | None = None,
                  max_model_len: int | None = None, cache_dtype=jnp.bfloat16, cache_sharding=None):
         cfg = self.config = model.config
-        self.graphdef, self.state = nnx.split(model)
+        self.model_def, self.weights = split_for_jit(model)
         if num_pages is None:
             num_pages = pages_for_budget(cfg, page_size, cache_dtype, cache_memory_bytes)
         if max_prefill_tokens is None:
@@ -329,7 +329,7 @@ class Scheduler:
         self._free(req)
 
     def _call(self, *arrays):
-        out, self.cache = step_and_sample(self.graphdef, self.state, self.cache, *arrays)
+        out, self.cache = step_and_sample(self.model_def, self.weights, self.cache, *arrays)
         return out
 
     def _width(self, pages: int) -> int:
