@@ -44,6 +44,22 @@ def _compile_cache_off_when_timed(request):
         jax.config.update("jax_enable_compilation_cache", True)
         compilation_cache.reset_cache()
 
+
+# CI runs two pytest-xdist workers (pyproject's addopts: `-n 2 --dist loadfile --no-loadscope-reorder`): a file's
+# tests stay on one worker, so its module/session fixtures (a trained run, a two-process cluster) are built once and
+# its tests that reuse each other's compiled programs still run one after another. Files are handed out in
+# collection order: the slowest first, longest first (per-file seconds of a `-n 2` run), so the two workers end
+# together; then the rest in name order. A stale entry only costs balance, never coverage.
+SLOW_FILES_FIRST = ("test_notebooks.py", "test_multihost.py", "test_decode.py", "test_model_parity.py",
+                    "test_finetune.py", "test_quantize.py", "test_grouped_gemm.py", "test_train.py",
+                    "test_memory_plan.py", "test_expert_parallel.py", "test_lowering.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: name order within each rank
+
+
 # Tiny configs covering both published variants. (a) V2-style: q compression, group-limited routing, YaRN with
 # mscale, routed_scaling_factor != 1, a dense first layer. (b) V2-Lite-style: no q compression, greedy.
 V2_STYLE = dict(
