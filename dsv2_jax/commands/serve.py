@@ -37,8 +37,8 @@ def run(args) -> int:
     sched = Scheduler(model, page_size=args.page_size, num_pages=args.num_pages,
                       cache_memory_bytes=int(args.cache_memory_mib * MIB), max_running=args.max_running,
                       max_tokens_per_step=args.max_tokens_per_step, max_prefill_chunk=args.max_prefill_chunk,
-                      max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len, cache_dtype=jnp.dtype(args.cache_dtype),
-                      cache_sharding=sharding)
+                      max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
+                      cache_dtype=jnp.dtype(args.cache_dtype), cache_sharding=sharding)
     if not args.no_warmup:
         print(f"dsv2 serve: compiling {len(sched.bucket_shapes())} step shapes", file=sys.stderr, flush=True)
         sched.warmup()

@@ -1,8 +1,8 @@
 """Batched generation: jitted prefill + per-token decode over a donated latent cache, with sampling and EOS.
 
 The compiled functions are module-level and take the model's interned `ModelDef` as a static argument
-(jit_model.py), so every engine over the same architecture shares them; shapes are fixed per (batch, prompt bucket, max_len), so decoding never
-recompiles per token. Prompt lengths are bucketed to powers of two.
+(jit_model.py), so every engine over the same architecture shares them; shapes are fixed per (batch, prompt
+bucket, max_len), so decoding never recompiles per token. Prompt lengths are bucketed to powers of two.
 """
 
 from __future__ import annotations
