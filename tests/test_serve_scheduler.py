@@ -133,7 +133,6 @@ def test_pallas_paged_kernel_engine_equals_xla(offline):
     assert [r.output for r in reqs] == offline[1:3] and sched.pages_in_use == 0
 
 
-
 def test_prefill_cap_in_decoding_steps_matches_offline(model, offline):
     """max_prefill_tokens: a step that decodes carries that many prefill tokens, rounded up to fill its row bucket
     (>= 8 rows); an idle engine prefills a full step. Outputs unchanged, pages returned."""
