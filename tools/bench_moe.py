@@ -156,9 +156,10 @@ def bench_shape(experts: list[int], name: str, args) -> list[dict]:
 
 def interleaved(steps: dict, reps: int, pause_s: float = 0.1) -> dict:
     """Median ms of each step, timed in `reps` rounds that run every step once (after one warm-up call each), so
-    a change in machine load hits every variant alike; each round starts one variant later. An untimed pause after each call lets the finished
-    framework's worker threads stop spinning: torch's OpenMP threads and XLA's pool busy-wait for a while after
-    a step, and timing the other framework in that window measured it up to 25× slower."""
+    a change in machine load hits every variant alike; each round starts one variant later. An untimed pause
+    after each call lets the finished framework's worker threads stop spinning: torch's OpenMP threads and XLA's
+    pool busy-wait for a while after a step, and timing the other framework in that window measured it up to 25×
+    slower."""
     for fn in steps.values():
         fn()
     times = {k: [] for k in steps}
@@ -373,7 +374,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); shapes "
-          + "; ".join(f"{n}: {SHAPES[n]}" for n in shapes) + f"; torch threads {torch.get_num_threads()}; uptime: {subprocess.getoutput('uptime').strip()}")
+          + "; ".join(f"{n}: {SHAPES[n]}" for n in shapes)
+          + f"; torch threads {torch.get_num_threads()}; uptime: {subprocess.getoutput('uptime').strip()}")
     rows, tables = [], []
     for name in shapes:
         got = bench_shape(experts, name, args)

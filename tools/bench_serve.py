@@ -231,7 +231,8 @@ def batch_sweep(model, batches: list[int], args, rounds: int = 15) -> None:
     static_caches = {}
     for b in batches:  # a cache holding ctx tokens per row, from the engine's own prefill
         tokens, lengths, cache = engine.batch([[5] * ctx] * b, 2)
-        _, _, static_caches[b] = prefill_and_sample(engine.model_def, engine.weights, cache, tokens, lengths, key, *knobs)
+        _, _, static_caches[b] = prefill_and_sample(engine.model_def, engine.weights, cache, tokens, lengths, key,
+                                                    *knobs)
 
     def paged(b):
         tables = np.zeros((b, sched._width(pages)), np.int32)
