@@ -251,3 +251,50 @@ def test_settings_from_flags_and_environment(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(DistributedError, match="JAX_NUM_PROCESSES='two' is not a valid number of processes"):
         resolve()
+
+
+WATCHDOG_SCRIPT = """
+import sys, threading, time
+import jax
+from dsv2_jax.parallel import distributed
+
+class Store:  # the coordination service's key-value store, as the watchdog uses it
+    def __init__(self):
+        self.kv = {}
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.kv[key] = value
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in list(self.kv.items()) if k.startswith(prefix)]
+
+store, peer_alive = Store(), sys.argv[1] == "alive"
+def peer():  # process 1's beats
+    for beat in range(10**6):
+        store.key_value_set("dsv2_jax/beat/1", str(beat))
+        time.sleep(0.05)
+if peer_alive:
+    threading.Thread(target=peer, daemon=True).start()
+watchdog = distributed._Watchdog(store, 0.5, "dsv2 train")
+watchdog.count = 2
+watchdog.start()
+error = jax.errors.JaxRuntimeError(sys.argv[2])
+distributed.report_failure(error)
+print("dsv2 train: error: " + str(error), file=sys.stderr)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("peer, error, status, line", [
+    ("dead", "UNKNOWN: Gloo AllGather failed: Read error: Connection reset by peer", 4,
+     "dsv2 train: error: process 1 of 2 stopped responding"),
+    ("alive", "UNKNOWN: Gloo AllGather failed: Read error: Connection reset by peer", 1,
+     "dsv2 train: error: UNKNOWN: Gloo"),
+    ("dead", "RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB", 1, "dsv2 train: error: RESOURCE_EXHAUSTED")],
+    ids=["peer-died", "peer-alive", "own-error"])
+def test_a_failed_collective_waits_for_the_heartbeat_verdict(peer, error, status, line):
+    """A peer's death reaches the survivors first as a failed collective; they must still exit with the peer-lost
+    status and ONE line naming the dead process (CI once saw exit 1 and a gloo traceback instead). A transport error
+    while every peer beats, or an error of this process's own, is reported as this process's failure."""
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG_SCRIPT, peer, error], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == status and len(lines) == 1 and lines[0].startswith(line), proc.stderr[-2000:]

@@ -11,8 +11,10 @@ Failure: a watchdog thread in every process beats into the coordinator's key-val
 peer dead after `heartbeat_timeout` seconds without a beat, and a peer that loses the coordinator for that long
 declares it dead. Either way every surviving process prints ONE line and exits with EXIT_PEER_LOST instead of
 blocking in a collective forever; a process that fails on its own (`report_failure`) stops the others the same
-way. JAX's own heartbeat (which aborts with a long log) is a backstop at four times the timeout, so under load
-the watchdog's one line and exit still come first.
+way. A collective that fails because a peer died (gloo: "Connection reset by peer") is not such an error: the
+process first waits out one heartbeat timeout for the watchdog's verdict. JAX's own heartbeat (which aborts with
+a long log) is a backstop at four times the timeout, so under load the watchdog's one line and exit still come
+first.
 """
 
 from __future__ import annotations
@@ -179,8 +181,22 @@ def report_failure(error: BaseException | str, exit_status: int = 1) -> None:
     watchdog = _Watchdog.current
     if watchdog is None:
         return
+    if _may_mean_a_peer_died(error):
+        watchdog.await_verdict()  # exits here, with the watchdog's one line, if a peer did die
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     watchdog.report(f"process {jax.process_index()} of {jax.process_count()} failed: {text}", exit_status)
+
+
+# A collective whose peer died fails at once in the survivors (gloo: "Connection reset by peer"), before any
+# heartbeat lapses; these words mark such transport failures, which wait for the watchdog's verdict.
+_TRANSPORT_WORDS = ("gloo", "nccl", "connection", "peer", "socket", "broken pipe", "unavailable")
+
+
+def _may_mean_a_peer_died(error: BaseException | str) -> bool:
+    if not isinstance(error, (jax.errors.JaxRuntimeError, str)):
+        return False
+    text = str(error).lower()
+    return any(w in text for w in _TRANSPORT_WORDS)
 
 
 class _Watchdog(threading.Thread):
@@ -223,6 +239,11 @@ class _Watchdog(threading.Thread):
                 if now - last_ok > self.timeout:
                     self._die(f"lost the coordinator (process 0) for {self.timeout:.0f} s; it has probably died")
             self.finished.wait(self.interval)
+
+    def await_verdict(self) -> None:
+        """Gives the heartbeat time to show whether a peer died (then `_die` exits this process from the watchdog
+        thread); returns when every peer still beats. Bounded: one timeout plus a few beat intervals."""
+        time.sleep(self.timeout + 4 * self.interval + 1)
 
     def report(self, message: str, exit_status: int) -> None:
         self.failed_status = exit_status
