@@ -31,17 +31,24 @@ def load_text_tokenizer(checkpoint: Path):
 
 
 def run(args) -> int:
-    from dsv2_jax import load_model
-    from dsv2_jax.infer.engine import DecodeEngine
-    from dsv2_jax.infer.sampling_args import check_max_new_tokens, check_sampling
+    from dsv2_jax.cli import USER_ERRORS
 
     try:
         distributed.initialize_from_args(args, label="dsv2 generate")
     except distributed.DistributedError as e:
         print(f"dsv2 generate: error: {e}", file=sys.stderr)
         return 2
-    # Every process runs the same decode over its shards of a multi-host mesh; process 0 prints.
-    show = distributed.is_primary()
+    try:  # every process runs the same decode over its shards of a multi-host mesh; process 0 prints
+        return _generate(args, show=distributed.is_primary())
+    except BaseException as e:  # this process alone may have failed: stop the others rather than leave them hung
+        distributed.report_failure(e, exit_status=2 if isinstance(e, USER_ERRORS) else 1)
+        raise
+
+
+def _generate(args, show: bool) -> int:
+    from dsv2_jax import load_model
+    from dsv2_jax.infer.engine import DecodeEngine
+    from dsv2_jax.infer.sampling_args import check_max_new_tokens, check_sampling
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
