@@ -331,7 +331,13 @@ class Scheduler:
         return out
 
     def _width(self, pages: int) -> int:
-        return _bucket(pages, self.max_pages_per_seq, MIN_TABLE_BUCKET)
+        """Block-table width for a step whose longest sequence spans `pages` pages: powers of two from
+        MIN_TABLE_BUCKET, plus 3/4 of each from 8 up (6, 12, 24, ...: every row gathers and attends over the
+        width, so 5 pages pad to 6, not 8); at most max_pages_per_seq."""
+        w = _bucket(pages, 1 << 30, MIN_TABLE_BUCKET)
+        if w >= 8 and 4 * pages <= 3 * w:
+            w = 3 * w // 4
+        return min(w, self.max_pages_per_seq)
 
     def bucket_shapes(self) -> list[tuple[int, int]]:
         """Every (token rows, block-table width) a step can use: all that steady state ever compiles."""
