@@ -42,12 +42,12 @@ MIN_ROW_BUCKET = 8
 MIN_TABLE_BUCKET = 2
 
 
-def _arrival(req: Request) -> float:
-    return req.arrival
-
-
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(max(1 << max(n - 1, 0).bit_length(), floor), cap)
+
+
+def _arrival(req: Request) -> float:
+    return req.arrival
 
 
 @dataclass

@@ -73,7 +73,8 @@ def step_arrays(rows: list[tuple[Request, int]], tables: BlockTables, prev_slots
         if tokens[-1] == PENDING:  # a decode row: its input is the previous call's output
             tokens[-1], sources[len(tokens) - 1] = 0, prev_slots[id(r)][0]
         p = r.params
-        knobs[0][j], knobs[1][j], knobs[2][j], knobs[3][j] = len(tokens) - 1, p.seed, len(r.tokens) - len(r.prompt), p.top_k
+        knobs[0][j], knobs[1][j] = len(tokens) - 1, p.seed
+        knobs[2][j], knobs[3][j] = len(r.tokens) - len(r.prompt), p.top_k
         probs[0][j], probs[1][j] = p.temperature, p.top_p
     pad = n_rows - len(tokens)
     valid = [1] * len(tokens) + [0] * pad
