@@ -1,10 +1,10 @@
-"""The host arrays of one scheduler step, built with numpy over rows, from block tables kept between steps.
+"""The host arrays of one scheduler step, from block tables kept between steps.
 
 Every request that holds pages owns a slot: a row of one persistent [slots, max_pages] int32 block table (unused
-entries are the trash page) and of its sampling knobs, written when it gets pages and cleared when it frees them.
-A step's arrays are then a few fancy indexes of those tables by the rows' slots, instead of a Python loop per
-token row rebuilding every table: the scheduler's host work per step runs while the device computes the previous
-step, and on a CPU host it shares the cores with it.
+entries are the trash page), written when it gets pages and cleared when it frees them. A step's block tables are
+then one fancy index by its token rows' slots, and its other arrays come from one pass over its rows, instead of
+a table rebuilt and numpy slices written per row every step: the scheduler's host work runs while the device
+computes the previous step, and on a CPU host it shares the cores with it.
 
 Each step's arrays are fresh numpy arrays (a few hundred bytes): a buffer reused across steps could still be read
 by a dispatched call that has not run yet, on a backend that copies its inputs asynchronously.
