@@ -27,6 +27,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # digests of the full pages computed so far
     num_registered: int = 0                    # leading pages already offered to the prefix cache
+    slot: int = -1                             # its row of the scheduler's block tables while it holds pages
     finish_reason: str | None = None           # "stop" | "length" | "abort"
     first_token_time: float | None = None
     preemptions: int = 0

@@ -35,6 +35,7 @@ from dsv2_jax.serve.page_allocator import PageAllocator, page_hashes
 from dsv2_jax.serve.paged_cache import PagedLatentCache, pages_for_budget
 from dsv2_jax.serve.paged_step import step_and_sample
 from dsv2_jax.serve.request import Request
+from dsv2_jax.serve.step_rows import PENDING, BlockTables, step_arrays
 
 # Floors of the two bucketed dimensions: below them a step's fixed cost dominates, and every bucket is a compilation.
 MIN_ROW_BUCKET = 8
@@ -45,7 +46,8 @@ def _bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(max(1 << max(n - 1, 0).bit_length(), floor), cap)
 
 
-PENDING = -1  # a sampled token still on the device (its slot in Request.tokens until the call is read back)
+def _arrival(req: Request) -> float:
+    return req.arrival
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.allocator.capacity * page_size)
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
+        self.tables = BlockTables(2 * max_running, self.max_pages_per_seq)  # running + retiring in flight
         self.batch_cap = _bucket(max_running, 1 << 30)
         self.token_cap = _bucket(max_tokens_per_step, 1 << 30)
         self.waiting: deque[Request] = deque()
@@ -153,6 +156,7 @@ class Scheduler:
     # ---- paging -------------------------------------------------------------------------------------
     def _free(self, req: Request) -> None:
         self.allocator.release(req.pages)
+        self.tables.clear(req)
         req.pages, req.hashes, req.num_registered, req.num_cached = [], [], 0, 0
 
     def _reserve(self, req: Request, n_tokens: int) -> bool:
@@ -163,6 +167,7 @@ class Scheduler:
         if pages is None:
             return False
         req.pages += pages
+        self.tables.extend(req, pages)
         return True
 
     def _preempt(self, req: Request) -> None:
@@ -178,10 +183,13 @@ class Scheduler:
         hashes = page_hashes(req.tokens[:usable * self.page_size], self.page_size)
         pages = self.allocator.match_prefix(hashes)
         req.pages, req.hashes = pages, hashes[:len(pages)]
+        self.tables.extend(req, pages)
         req.num_cached, req.num_registered = len(pages) * self.page_size, len(pages)
         self.counters["prefix_hit_tokens"] += req.num_cached
 
     def _register_full_pages(self, req: Request) -> None:
+        if req.num_cached // self.page_size <= req.num_registered:  # no page filled since the last call
+            return
         known = req.num_cached  # computed tokens whose values the host has (a PENDING one is hashed once read back)
         while known and req.tokens[known - 1] == PENDING:
             known -= 1
@@ -195,40 +203,48 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, int]]:
-        self.running.sort(key=lambda r: r.arrival)
+        running = self.running
+        running.sort(key=_arrival)
         # Token budget: every decoding stream first (a long prompt never stalls them), then prefill chunks, oldest
         # first; then pages for the plan, oldest first, preempting the youngest when the pool runs dry.
-        decoding = [r for r in self.running if len(r.tokens) - r.num_cached == 1][:self.max_tokens_per_step]
-        plan = {id(r): 1 for r in decoding}
-        decode_ids = set(plan)
+        todo = [len(r.tokens) - r.num_cached for r in running]
+        plan = [0] * len(running)  # tokens per running request, aligned with `running`
+        decoding = 0
+        for i, t in enumerate(todo):
+            if t == 1 and decoding < self.max_tokens_per_step:
+                plan[i], decoding = 1, decoding + 1
+        is_decode = list(plan)
         # A step that decodes carries max_prefill_tokens of prefill (what a stream's next token waits for), rounded
         # up to fill the row bucket the step is padded to anyway (a padding row costs what a token row does).
         prefill_cap = self.max_tokens_per_step
-        if plan:
-            prefill_cap = _bucket(len(plan) + self.max_prefill_tokens, self.token_cap, MIN_ROW_BUCKET) - len(plan)
-        budget = min(self.max_tokens_per_step - len(plan), prefill_cap)
-        for r in self.running:
-            if id(r) not in plan and budget > 0:
-                plan[id(r)] = min(len(r.tokens) - r.num_cached, budget, self.max_prefill_chunk)
-                budget -= plan[id(r)]
+        if decoding:
+            prefill_cap = _bucket(decoding + self.max_prefill_tokens, self.token_cap, MIN_ROW_BUCKET) - decoding
+        budget = min(self.max_tokens_per_step - decoding, prefill_cap)
+        for i, t in enumerate(todo):
+            if budget <= 0:
+                break
+            if not plan[i]:
+                plan[i] = min(t, budget, self.max_prefill_chunk)
+                budget -= plan[i]
         rows: list[tuple[Request, int]] = []
         preempted = False
+        scheduled = prefill = 0
         i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            n = plan.get(id(req), 0)
+        while i < len(running):
+            req, n = running[i], plan[i]
             if n and not self._reserve(req, req.num_cached + n):
-                victim = self.running[-1]  # sorted by arrival: the youngest
-                self._preempt(victim)
+                self._preempt(running[-1])  # sorted by arrival: the youngest
+                plan.pop()
                 preempted = True
-                if victim is req:
+                if i == len(running):  # the victim was req itself
                     break
                 continue
             if n:
                 rows.append((req, n))
+                scheduled += n
+                prefill += n - is_decode[i]
             i += 1
-        prefill = sum(n for r, n in rows if id(r) not in decode_ids)
-        budget = min(self.max_tokens_per_step - sum(n for _, n in rows), prefill_cap - prefill)
+        budget = min(self.max_tokens_per_step - scheduled, prefill_cap - prefill)
         while self.waiting and not preempted and len(self.running) < self.max_running and budget > 0:
             req = self.waiting[0]
             self._share_prefix(req)
@@ -251,33 +267,15 @@ class Scheduler:
         total = sum(n for _, n in rows)
         n_rows = _bucket(total, self.token_cap, MIN_ROW_BUCKET)
         width = self._width(max(math.ceil((r.num_cached + n) / self.page_size) for r, n in rows))
-        packed = np.zeros((4, n_rows), np.int32)  # tokens, positions, valid, source in the previous output
-        packed[3] = -1
-        tables = np.zeros((n_rows, width), np.int32)
-        knobs = np.zeros((4, self.batch_cap), np.int32)  # sample row, seed, step, top_k
-        probs = np.zeros((2, self.batch_cap), np.float32)  # temperature, top_p
-        probs[1] = 1.0
         prev = self._inflight or _InFlight(self._no_tokens, {})
-        i = 0
-        for j, (r, n) in enumerate(rows):
-            end = r.num_cached + n
-            packed[0, i:i + n] = r.tokens[r.num_cached:end]
-            if r.tokens[end - 1] == PENDING:  # only a request's last token can be pending: a decode row
-                packed[0, i + n - 1], packed[3, i + n - 1] = 0, prev.slots[id(r)][0]
-            packed[1, i:i + n] = np.arange(r.num_cached, end)
-            packed[2, i:i + n] = 1
-            tables[i:i + n, :len(r.pages)] = r.pages[:width]
-            p = r.params
-            knobs[:, j] = i + n - 1, p.seed, r.num_generated, p.top_k
-            probs[:, j] = p.temperature, p.top_p
-            i += n
+        arrays = step_arrays(rows, self.tables, prev.slots, n_rows, width, self.batch_cap)
         t1 = time.perf_counter()
-        sampled = self._call(prev.tokens, packed, tables, knobs, probs)
+        sampled = self._call(prev.tokens, *arrays)
         t2 = time.perf_counter()
         slots = {}
+        self.counters["computed_tokens"] += total
         for j, (r, n) in enumerate(rows):
             r.num_cached += n
-            self.counters["computed_tokens"] += n
             self._register_full_pages(r)
             if r.num_cached < len(r.tokens):  # a prefill chunk short of the end: nothing sampled
                 continue
@@ -300,14 +298,13 @@ class Scheduler:
         """Reads a dispatched call's sampled tokens back: fills each request's PENDING token, finishes requests
         that emitted a stop id (dropping anything scheduled after it) or reached their length."""
         t0 = time.perf_counter()
-        sampled = np.asarray(flight.tokens)
+        sampled = np.asarray(flight.tokens).tolist()
         t1 = time.perf_counter()
         outputs = []
         for j, k, req in flight.slots.values():
             if req.finished:  # aborted meanwhile, or stopped one call earlier (this token was dropped unseen)
                 continue
-            token = req.tokens[k] = int(sampled[j])
-            self.counters["generated_tokens"] += 1
+            token = req.tokens[k] = sampled[j]
             if token in req.params.stop_ids:
                 req.finish_reason = "stop"
                 del req.tokens[k + 1:]  # a token dispatched after the stop: never emitted
@@ -317,6 +314,7 @@ class Scheduler:
             if req.finished:
                 self._retire(req)
             outputs.append(StepOutput(req, token, req.finished))
+        self.counters["generated_tokens"] += len(outputs)
         self.timings["wait_s"] += t1 - t0
         self.timings["finish_s"] += time.perf_counter() - t1
         return outputs
@@ -333,7 +331,13 @@ class Scheduler:
         return out
 
     def _width(self, pages: int) -> int:
-        return _bucket(pages, self.max_pages_per_seq, MIN_TABLE_BUCKET)
+        """Block-table width for a step whose longest sequence spans `pages` pages: powers of two from
+        MIN_TABLE_BUCKET, plus 3/4 of each from 8 up (6, 12, 24, ...: every row gathers and attends over the
+        width, so 5 pages pad to 6, not 8); at most max_pages_per_seq."""
+        w = _bucket(pages, 1 << 30, MIN_TABLE_BUCKET)
+        if w >= 8 and 4 * pages <= 3 * w:
+            w = 3 * w // 4
+        return min(w, self.max_pages_per_seq)
 
     def bucket_shapes(self) -> list[tuple[int, int]]:
         """Every (token rows, block-table width) a step can use: all that steady state ever compiles."""
