@@ -4,8 +4,9 @@ XLA:CPU allocates an executable's temp buffer afresh at every execution (one blo
 train step with 64 experts, 30 MB with 4) and frees it afterwards. glibc serves a block above its mmap threshold
 (dynamic, at most 32 MB) with a fresh mmap and unmaps it on free, so every step page-faults the whole block back
 in: ~10k minor faults a step at 64 experts (at 4 too once other allocations have moved the threshold), which
-alone made the 64-expert train step ~1.6× the 4-expert one (docs/benchmarks.md, issue #10). M_MMAP_MAX = 0 serves large blocks from the heap and a high
-M_TRIM_THRESHOLD keeps the freed top of the heap mapped, so the next step gets the same pages back. The cost: the
+alone made the 64-expert train step ~1.6× the 4-expert one (docs/benchmarks.md, issue #10). M_MMAP_MAX = 0
+serves large blocks from the heap and a high M_TRIM_THRESHOLD keeps the freed top of the heap mapped, so the next
+step gets the same pages back. The cost: the
 process keeps its peak heap instead of returning it. Set DSV2_KEEP_FREED_HEAP=0 to leave malloc as it is.
 """
 
