@@ -6,8 +6,8 @@ train step with 64 experts, 30 MB with 4) and frees it afterwards. glibc serves 
 in: ~10k minor faults a step at 64 experts (at 4 too once other allocations have moved the threshold), which
 alone made the 64-expert train step ~1.6× the 4-expert one (docs/benchmarks.md, issue #10). M_MMAP_MAX = 0
 serves large blocks from the heap and a high M_TRIM_THRESHOLD keeps the freed top of the heap mapped, so the next
-step gets the same pages back. The cost: the
-process keeps its peak heap instead of returning it. Set DSV2_KEEP_FREED_HEAP=0 to leave malloc as it is.
+step gets the same pages back. The cost: the process keeps its peak heap instead of returning it. Set
+DSV2_KEEP_FREED_HEAP=0 to leave malloc as it is.
 """
 
 from __future__ import annotations
