@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools: bench
 from dsv2_jax.model import moe  # noqa: E402
 from dsv2_jax.config import ModelConfig, to_hf_dict  # noqa: E402
 from dsv2_jax.model.transformer import init_model  # noqa: E402
+from dsv2_jax.train.host_heap import keep_freed_heap  # noqa: E402
 
 
 def median_ms(fn, reps: int) -> float:
@@ -363,6 +364,9 @@ def main(argv=None) -> int:
                     "machine its OpenMP threads wait on each other: 1 thread measured 2-4x faster there")
     ap.add_argument("--out", help="append JSON lines here")
     args = ap.parse_args(argv)
+    # The allocator setting a CPU Trainer makes (dsv2_jax/train/host_heap.py), from the start, so the layer benches,
+    # the train steps and torch all run under the same one instead of switching at the first Trainer.
+    heap = "kept" if jax.default_backend() == "cpu" and keep_freed_heap() else "default"
     import torch
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -375,7 +379,8 @@ def main(argv=None) -> int:
         ap.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); shapes "
           + "; ".join(f"{n}: {SHAPES[n]}" for n in shapes)
-          + f"; torch threads {torch.get_num_threads()}; uptime: {subprocess.getoutput('uptime').strip()}")
+          + f"; torch threads {torch.get_num_threads()}; freed heap {heap}"
+          + f"; uptime: {subprocess.getoutput('uptime').strip()}")
     rows, tables = [], []
     for name in shapes:
         got = bench_shape(experts, name, args)

@@ -26,6 +26,7 @@ from dsv2_jax.model.transformer import abstract_model, random_state
 from dsv2_jax.train.schedule import learning_rate, make_optimizer
 from dsv2_jax.parallel.sharding import batch_sharding, tree_shardings
 from dsv2_jax.train.config import TrainConfig
+from dsv2_jax.train.host_heap import keep_freed_heap
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -39,6 +40,8 @@ class Trainer:
 
     def __init__(self, tc: TrainConfig, mesh: Mesh, cfg: ModelConfig | None = None):
         self.tc, self.mesh = tc, mesh
+        if jax.default_backend() == "cpu":  # XLA:CPU's per-step temp buffers: see host_heap.py
+            keep_freed_heap()
         self.cfg = cfg or tc.model_config()
         self.tx = make_optimizer(tc)
         self.schedule = learning_rate(tc)
