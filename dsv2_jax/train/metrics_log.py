@@ -12,12 +12,13 @@ from typing import Any
 
 
 def _import_tensorboardx():
-    """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet: tensorboardX imports it
-    (3-4 CPU-s, more than a tiny cached run's training) only to accept torch tensors, and we log Python floats."""
+    """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet: its writer module
+    imports torch (3-4 CPU-s, more than a tiny cached run's training) only for a type annotation, inside
+    try/except ImportError; torch tensors are still converted (x2num imports torch when it meets one)."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
     try:
         from tensorboardX import SummaryWriter
     finally:
