@@ -6,14 +6,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+
+def _import_tensorboardx():
+    """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet: its writer module
+    imports torch (3-4 CPU-s, more than a tiny cached run's training) only for a type annotation, inside
+    try/except ImportError; torch tensors are still converted (x2num imports torch when it meets one)."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]  # torch stays importable for everything else
+    return SummaryWriter
 
 
 def _summary_writer(logdir: Path):
     # find_spec first: importing torch just to learn TensorBoard is missing would cost seconds per run.
     if importlib.util.find_spec("tensorboardX"):
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _import_tensorboardx()
     elif importlib.util.find_spec("tensorboard") and importlib.util.find_spec("torch"):
         from torch.utils.tensorboard import SummaryWriter
     else:
