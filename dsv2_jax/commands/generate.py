@@ -38,11 +38,10 @@ def run(args) -> int:
     except distributed.DistributedError as e:
         print(f"dsv2 generate: error: {e}", file=sys.stderr)
         return 2
-    try:  # every process runs the same decode over its shards of a multi-host mesh; process 0 prints
+    # Every process runs the same decode over its shards of a multi-host mesh; process 0 prints. One that fails
+    # alone stops the others rather than leave them hung in a collective.
+    with distributed.stop_the_others_on_failure(USER_ERRORS):
         return _generate(args, show=distributed.is_primary())
-    except BaseException as e:  # this process alone may have failed: stop the others rather than leave them hung
-        distributed.report_failure(e, exit_status=2 if isinstance(e, USER_ERRORS) else 1)
-        raise
 
 
 def _generate(args, show: bool) -> int:

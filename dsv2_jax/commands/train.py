@@ -27,14 +27,13 @@ def run(args) -> int:
     tc = (TrainConfig.load(args.config) if args.config else TrainConfig()).replace(
         **{k: v for k, v in direct.items() if v is not None})
     tc = tc.with_overrides(args.set)
-    try:
-        summary = train(tc, args.workdir, progress=not args.no_progress)
-    except TrainingDiverged as e:  # every process sees the same loss, so all stop here together
-        print(f"dsv2 train: {e}", file=sys.stderr)
-        return 3
-    except BaseException as e:  # this process alone may have failed: stop the others rather than leave them hung
-        distributed.report_failure(e, exit_status=2 if isinstance(e, USER_ERRORS) else 1)
-        raise
+    # This process alone may fail: it stops the others rather than leave them hung in a collective.
+    with distributed.stop_the_others_on_failure(USER_ERRORS):
+        try:
+            summary = train(tc, args.workdir, progress=not args.no_progress)
+        except TrainingDiverged as e:  # every process sees the same loss, so all stop here together
+            print(f"dsv2 train: {e}", file=sys.stderr)
+            return 3
     if distributed.is_primary():
         print(json.dumps(summary, indent=2))
     return 0

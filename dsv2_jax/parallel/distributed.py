@@ -20,6 +20,7 @@ first.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -197,6 +198,17 @@ def _may_mean_a_peer_died(error: BaseException | str) -> bool:
         return False
     text = str(error).lower()
     return any(w in text for w in _TRANSPORT_WORDS)
+
+
+@contextlib.contextmanager
+def stop_the_others_on_failure(user_errors: tuple[type[BaseException], ...] = ()):
+    """Any exception leaving the block stops the other processes (`report_failure`: exit status 2 for
+    `user_errors`, else 1), then propagates. No-op in a single-process run."""
+    try:
+        yield
+    except BaseException as e:
+        report_failure(e, exit_status=2 if isinstance(e, user_errors) else 1)
+        raise
 
 
 class _Watchdog(threading.Thread):

@@ -58,7 +58,6 @@ def _step_and_sample(model_def, weights, cache, prev, rows, block_tables, knobs,
 # (model_def, weights (`split_for_jit`), cache, prev [R] int32 (the previous call's output), rows [4, N] int32
 #  (tokens, positions, valid, source: -1, or the index in prev of the row's token), block_tables [N, W] int32,
 #  knobs [4, R] int32 (sample_idx, seeds, steps, top_k), probs [2, R] fp32 (temperature, top_p)) -> (next token
-#  per sampled row [R], cache). Four
-# host arrays a step (each transfer has a fixed cost); prev stays on the device, so a decode step can be dispatched
-# before the previous one's tokens are read back; the cache is donated.
+#  per sampled row [R], cache). Four host arrays a step (each transfer has a fixed cost); prev stays on the
+#  device, so a decode step can be dispatched before the previous one's tokens are read back; the cache is donated.
 step_and_sample = jax.jit(_step_and_sample, static_argnums=0, donate_argnums=2)
