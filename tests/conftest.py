@@ -49,10 +49,13 @@ def _compile_cache_off_when_timed(request):
 # tests stay on one worker, so its module/session fixtures (a trained run, a two-process cluster) are built once and
 # its tests that reuse each other's compiled programs still run one after another. Files are handed out in
 # collection order: the slowest first, longest first (per-file seconds of a `-n 2` run), so the two workers end
-# together; then the rest in name order. A stale entry only costs balance, never coverage.
+# together on the short files; then the rest (each under ~10 s) in name order. A stale entry only costs balance,
+# never coverage.
 SLOW_FILES_FIRST = ("test_notebooks.py", "test_multihost.py", "test_decode.py", "test_model_parity.py",
                     "test_finetune.py", "test_quantize.py", "test_grouped_gemm.py", "test_train.py",
-                    "test_memory_plan.py", "test_expert_parallel.py", "test_lowering.py", "test_convert.py")
+                    "test_memory_plan.py", "test_expert_parallel.py", "test_lowering.py", "test_convert.py",
+                    "test_serve_scheduler.py", "test_serve_http.py", "test_reliability.py", "test_generate_cli.py",
+                    "test_kernels_flash.py", "test_kernels_decode.py", "test_serve_mesh.py", "test_serve_kernel.py")
 
 
 def pytest_collection_modifyitems(items):
