@@ -45,6 +45,7 @@ def test_int8_agrees_with_bf16_on_a_trained_model(trained):
     ref = load_model(trained, "bfloat16")
     q = load_model(trained, "bfloat16", quantize="int8")
     tok = load_tokenizer(None)
+    # The finetune notebook scores this prompt and length too (same programs: the compilation cache holds them).
     agree = greedy_agreement(ref, q, [tok.bos_id] + tok.encode("import os\n\n\ndef main(argv):\n    "), 256)
     # Held out: this package's sources (the run trained on the standard library's).
     held = list(itertools.islice(iter(make_dataset(["dsv2_jax"], tok, 256, 4, num_epochs=1, shuffle=False)), 4))
