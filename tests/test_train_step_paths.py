@@ -11,12 +11,11 @@ from flax import nnx
 
 from dsv2_jax.config import ConfigError
 from dsv2_jax.model.transformer import init_model
-from dsv2_jax.ops.attention_backend import xla_attention
-from dsv2_jax.parallel.sharding import make_mesh
+from dsv2_jax.ops.attention_backend import lowering_platform, xla_attention
 from dsv2_jax.train.config import TrainConfig
 from dsv2_jax.train.losses import balance_loss, cross_entropy
 from dsv2_jax.train.schedule import clip_by_global_norm, learning_rate, make_optimizer
-from dsv2_jax.train.state import Trainer
+from dsv2_jax.train.state import unroll_layers
 from kernels_pallas.reference import attention_mask, masked_softmax
 from tests.train_fixtures import TEST_MODEL, make_batch, make_test_config
 
@@ -48,7 +47,9 @@ def test_xla_attention_equals_split_rope_scores_with_gradients():
 def test_unrolled_layer_scans_equal_the_scan():
     """Loss and gradients of 2 MoE layers (a real loop, stacked router stats): unrolled == scanned."""
     tc = make_test_config(model_overrides={**TEST_MODEL, "first_k_dense_replace": 0, "moe_impl": "reference"})
-    assert Trainer(tc, make_mesh("")).unroll and not Trainer(tc.replace(unroll_layers=False), make_mesh("")).unroll
+    assert unroll_layers(tc) and not unroll_layers(tc.replace(unroll_layers=False))  # default: unrolled on CPU
+    with lowering_platform("tpu"):
+        assert not unroll_layers(tc)  # ... and not when exporting for an accelerator
     cfg = tc.model_config()
     graphdef, params = nnx.split(init_model(cfg, seed=0))
     batch = make_batch(0, 4, 16)
