@@ -93,10 +93,10 @@ def xla_attention(q_nope, q_rope, k_nope, k_rope, v, mask, scale) -> jnp.ndarray
     """Plain XLA attention. q_nope [B,T,H,n], q_rope [B,T,H,r], k_nope [B,S,H,n], k_rope [B,S,r] (shared by
     the heads), v [B,S,H,dv], mask [B|1,1|H,T,S] → [B,T,H,dv] in v's dtype.
 
-    One score contraction over the concatenated n+r dims, k_rope broadcast to the heads as the kernels take it:
-    a separate head-shared rope product (contracting 64 of 192 dims) costs a second batched GEMM, a sum of
-    two [B,H,T,S] tensors and, in the backward, transposes of them — on CPU the training step's attention ran
-    ~1.7x slower fwd+bwd that way."""
+    One score contraction over the concatenated n+r dims, k_rope broadcast to the heads as the kernels take it
+    (K grows by r/(n+dv) of K+V): a separate head-shared rope product costs a second batched GEMM, a sum of two
+    [B,H,T,S] score tensors and, in the backward, transposes of them — the tiny model's attention fwd+bwd ran
+    ~1.7x slower on CPU that way."""
     q, k = _kernel_qk(q_nope, q_rope, k_nope, k_rope)
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     probs = masked_softmax(scores * scale, mask).astype(v.dtype)
