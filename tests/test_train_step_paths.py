@@ -47,9 +47,10 @@ def test_xla_attention_equals_split_rope_scores_with_gradients():
 def test_unrolled_layer_scans_equal_the_scan():
     """Loss and gradients of 2 MoE layers (a real loop, stacked router stats): unrolled == scanned."""
     tc = make_test_config(model_overrides={**TEST_MODEL, "first_k_dense_replace": 0, "moe_impl": "reference"})
-    assert unroll_layers(tc) and not unroll_layers(tc.replace(unroll_layers=False))  # default: unrolled on CPU
+    assert unroll_layers(tc) and not unroll_layers(tc.replace(unroll_layers=False))  # default: unrolled on CPU,
+    assert not unroll_layers(tc.replace(remat="full"))  # ... unless remat asks to save memory,
     with lowering_platform("tpu"):
-        assert not unroll_layers(tc)  # ... and not when exporting for an accelerator
+        assert not unroll_layers(tc)  # ... or the step is exported for an accelerator
     cfg = tc.model_config()
     graphdef, params = nnx.split(init_model(cfg, seed=0))
     batch = make_batch(0, 4, 16)

@@ -65,7 +65,8 @@ def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: 
         return fn(nnx.merge(graphdef, materialize(st)), c, x)  # int8 / LoRA weights: this layer's only
 
     if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        # A loop keeps XLA from merging the recomputation with the forward; unrolled, only prevent_cse does.
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
     return jax.lax.scan(body, carry, (state, xs), unroll=unroll)
 
 

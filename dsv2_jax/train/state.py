@@ -33,10 +33,13 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def unroll_layers(tc: TrainConfig) -> bool:
-    """tc.unroll_layers, or by default whether the step is traced for CPU (attention_backend.current_platform:
-    the target of an export too). XLA:CPU pays per loop iteration for slicing every stacked weight and stacking
-    every residual and gradient, ~1/8 of the tiny model's step; accelerators keep the loop."""
-    return current_platform() == "cpu" if tc.unroll_layers is None else tc.unroll_layers
+    """tc.unroll_layers, or by default: the step is traced for CPU (attention_backend.current_platform: the
+    target of an export too) without remat. XLA:CPU pays per loop iteration for slicing every stacked weight
+    and stacking every residual and gradient, ~1/8 of the tiny model's step; accelerators keep the loop, and so
+    does remat, which is asked for to save memory (unrolled, XLA schedules more of the recomputation at once)."""
+    if tc.unroll_layers is not None:
+        return tc.unroll_layers
+    return current_platform() == "cpu" and tc.remat == "none"
 
 
 def _abstract(mesh):
