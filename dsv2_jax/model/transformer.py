@@ -55,8 +55,9 @@ class DecoderLayer(nnx.Module):
         return h, cache, stats
 
 
-def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: str = "none"):
-    """Runs fn(layer, carry, x) -> (carry, y) over the stacked layer module with jax.lax.scan."""
+def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: str = "none", unroll: bool = False):
+    """Runs fn(layer, carry, x) -> (carry, y) over the stacked layer module with jax.lax.scan (unroll: fully
+    unrolled, see DeepseekV2.forward)."""
     graphdef, state = nnx.split(layers)
 
     def body(c, inp):
@@ -64,8 +65,9 @@ def scan_layers(layers: nnx.Module, carry, fn: Callable, xs: Any = None, remat: 
         return fn(nnx.merge(graphdef, materialize(st)), c, x)  # int8 / LoRA weights: this layer's only
 
     if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, carry, (state, xs))
+        # A loop keeps XLA from merging the recomputation with the forward; unrolled, only prevent_cse does.
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
+    return jax.lax.scan(body, carry, (state, xs), unroll=unroll)
 
 
 class DeepseekV2(nnx.Module):
@@ -96,12 +98,14 @@ class DeepseekV2(nnx.Module):
         return [(getattr(self, g.name), g.moe) for g in self.config.layer_groups()]
 
     def forward(self, input_ids, positions=None, *, cache=None, segment_ids=None, token_mask=None,
-                remat: str = "none"):
+                remat: str = "none", unroll: bool = False):
         """input_ids int32 [B, T] at positions [B, T] (default 0..T-1) → (final hidden states [B, T, D] before
         the norm, cache, RouterStats of the MoE layers or None).
 
         segment_ids (packed sequences) restrict attention to equal ids. With a cache (LatentCache,
         PagedLatentCache.for_batch(...)) each layer stores the tokens' latents there and attends over it.
+        unroll: compile the layer scans unrolled — no per-layer slicing of the stacked weights and stacking of
+        residuals and gradients, at compile time growing with depth (the CPU trainer's default).
         """
         b, t = input_ids.shape
         if positions is None:
@@ -118,20 +122,20 @@ class DeepseekV2(nnx.Module):
             view = None if cache is None else cache.group_view(g, positions)
             (h, view), out = scan_layers(getattr(self, group.name), (h, view), step,
                                          xs=None if cache is None else jnp.arange(group.count, dtype=jnp.int32),
-                                         remat=remat)
+                                         remat=remat, unroll=unroll)
             cache = None if cache is None else cache.with_group_view(g, view)
             if group.moe:
                 stats = out
         return h, cache, stats
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, token_mask=None, return_aux: bool = False,
-                 remat: str = "none"):
+                 remat: str = "none", unroll: bool = False):
         """input_ids int32 [B, T] → float32 logits [B, T, vocab] (and per-MoE-layer RouterStats if return_aux).
 
         positions default to 0..T-1; segment_ids (packed sequences) restrict attention to equal ids.
         """
         h, _, stats = self.forward(input_ids, positions, segment_ids=segment_ids, token_mask=token_mask,
-                                   remat=remat)
+                                   remat=remat, unroll=unroll)
         logits = self.logits(h)
         return (logits, stats) if return_aux else logits
 

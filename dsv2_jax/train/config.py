@@ -44,6 +44,7 @@ class TrainConfig:
     distributed: bool = False           # jax.distributed.initialize() (multi-host)
     compute_dtype: str = "bfloat16"     # params stay fp32 (master); cast inside the step
     remat: str = "none"
+    unroll_layers: bool | None = None   # compile the layer scans unrolled; None = on CPU (DeepseekV2.forward)
     moe_dispatch: str = "dropless"      # expert-parallel mode: dropless | capacity
     capacity_factor: float = 1.0
     never_drop_every: int = 10          # capacity mode: 1 in N sequences is never dropped (paper ~10%); 0 = off
@@ -88,6 +89,8 @@ class TrainConfig:
             fail("seed", f"must be an integer in [0, 2**32), got {self.seed!r}")
         if self.remat not in REMAT_CHOICES:
             fail("remat", f"must be one of {REMAT_CHOICES}, got {self.remat!r}")
+        if not (self.unroll_layers is None or isinstance(self.unroll_layers, bool)):
+            fail("unroll_layers", f"must be true, false or null, got {self.unroll_layers!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             fail("compute_dtype", f"must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.moe_dispatch not in ("dropless", "capacity"):

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.model.precision import cast_params
+from dsv2_jax.ops.attention_backend import current_platform
 from dsv2_jax.parallel.expert_parallel import dispatch_for, use_dispatch
 from dsv2_jax.train.losses import balance_loss, cross_entropy, expert_load
 from dsv2_jax.model.transformer import abstract_model, random_state
@@ -29,6 +30,16 @@ from dsv2_jax.train.config import TrainConfig
 from dsv2_jax.train.host_heap import keep_freed_heap
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def unroll_layers(tc: TrainConfig) -> bool:
+    """tc.unroll_layers, or by default: the step is traced for CPU (attention_backend.current_platform: the
+    target of an export too) without remat. XLA:CPU pays per loop iteration for slicing every stacked weight
+    and stacking every residual and gradient, ~1/8 of the tiny model's step; accelerators keep the loop, and so
+    does remat, which is asked for to save memory (unrolled, XLA schedules more of the recomputation at once)."""
+    if tc.unroll_layers is not None:
+        return tc.unroll_layers
+    return current_platform() == "cpu" and tc.remat == "none"
 
 
 def _abstract(mesh):
@@ -80,7 +91,8 @@ class Trainer:
         model = use_dispatch(self.model_for(params, frozen), self.dispatch)
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):  # attention kernels run per shard (shard_map)
             logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                  token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat)
+                                  token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat,
+                                  unroll=unroll_layers(self.tc))
         ce = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         aux, terms = balance_loss(stats, self.cfg)
         metrics = {"ce_loss": ce, "aux_loss": aux, **terms}
@@ -93,7 +105,7 @@ class Trainer:
         """(summed next-token NLL, number of scored tokens) of one batch: no balance losses, no token dropping."""
         model = use_dispatch(self.model_for(params, frozen), self.eval_dispatch)  # eval never drops
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):
-            logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+            logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], unroll=unroll_layers(self.tc))
         tokens = batch["loss_mask"].sum()
         return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * tokens, tokens
 
