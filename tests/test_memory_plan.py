@@ -18,7 +18,9 @@ CFG = ModelConfig.preset("tiny")
 
 def xla_bytes(mesh_spec: str, seq_len: int, batch: int, remat: str) -> int:
     """Per-device bytes XLA allocates for the compiled step: arguments + temporaries + non-aliased outputs."""
-    tc = TrainConfig(seq_len=seq_len, global_batch=batch, remat=remat, mesh=mesh_spec, compute_dtype="float32")
+    # The plan models the scanned layer stack accelerators run (the CPU step unrolls it by default).
+    tc = TrainConfig(seq_len=seq_len, global_batch=batch, remat=remat, mesh=mesh_spec, compute_dtype="float32",
+                     unroll_layers=False)
     trainer = Trainer(tc, make_mesh(mesh_spec), CFG)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state,
                          trainer.state_shardings)
