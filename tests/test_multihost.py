@@ -28,9 +28,9 @@ from tests.train_fixtures import TEST_MODEL
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(model="tiny", model_overrides=TEST_MODEL, seq_len=16, global_batch=8, steps=12, lr=3e-3,
               warmup_steps=2, compute_dtype="float32", checkpoint_every=4, keep_checkpoints=5, log_every=1)
-# Short, so the killed-peer test waits ~7 s (was ~13 s at 10) for the verdict; the watchdog beats every 0.5 s, so a
-# busy process on a loaded box is still far from missing it.
-HEARTBEAT_S = 5
+# The killed-peer test waits ~13 s for the verdict. 5 s would save ~6 s, but a process starved for 5 s on a loaded
+# 2-core box (two workers, each compiling) would then be declared dead: a flaky failure costs more than 6 s.
+HEARTBEAT_S = 10
 LAUNCH_TIMEOUT_S = 420  # a pair of runs on a loaded 2-core box; a hang fails the test instead of blocking CI
 
 
