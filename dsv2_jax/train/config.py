@@ -44,7 +44,7 @@ class TrainConfig:
     distributed: bool = False           # jax.distributed.initialize() (multi-host)
     compute_dtype: str = "bfloat16"     # params stay fp32 (master); cast inside the step
     remat: str = "none"
-    unroll_layers: bool | None = None   # compile the layer scans unrolled; None = on CPU (DeepseekV2.forward)
+    unroll_layers: bool | None = None   # layer scans unrolled; None = on CPU without remat (state.py)
     moe_dispatch: str = "dropless"      # expert-parallel mode: dropless | capacity
     capacity_factor: float = 1.0
     never_drop_every: int = 10          # capacity mode: 1 in N sequences is never dropped (paper ~10%); 0 = off
