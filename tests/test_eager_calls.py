@@ -96,3 +96,17 @@ def test_traced_calls_run_the_method_itself(model):
         jaxpr = str(jax.make_jaxpr(fn)(state))
         assert "scan" in jaxpr and "_jitted" not in jaxpr
     assert eager._jitted._cache_size() == size
+
+
+def test_sharded_model_eager_calls(model, caplog):
+    """Parameters on a mesh, MoE expert-parallel over it: same logits, compiled once."""
+    from dsv2_jax.parallel.expert_parallel import use_mesh
+    from dsv2_jax.parallel.sharding import make_mesh, tree_shardings
+
+    mesh = make_mesh("tensor=2,expert=4")
+    graphdef, state = nnx.split(model)
+    sharded = use_mesh(nnx.merge(graphdef, jax.device_put(state, tree_shardings(state, mesh))), mesh)
+    got = sharded(IDS)
+    _, again = compiles(caplog, lambda: sharded(IDS))
+    assert again == 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(model(IDS)), rtol=1e-5, atol=1e-5)
