@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dsv2_jax.config import ModelConfig
+from dsv2_jax.model.eager import compiled_when_eager
 from dsv2_jax.model.layers import MLP, RMSNorm, param
 from dsv2_jax.model.lazy_params import materialize
 from dsv2_jax.model.mla import MLA
@@ -97,6 +98,7 @@ class DeepseekV2(nnx.Module):
         """(stacked layers, is_moe) for each of config.layer_groups(), in depth order."""
         return [(getattr(self, g.name), g.moe) for g in self.config.layer_groups()]
 
+    @compiled_when_eager("remat", "unroll")
     def forward(self, input_ids, positions=None, *, cache=None, segment_ids=None, token_mask=None,
                 remat: str = "none", unroll: bool = False):
         """input_ids int32 [B, T] at positions [B, T] (default 0..T-1) → (final hidden states [B, T, D] before
@@ -128,6 +130,7 @@ class DeepseekV2(nnx.Module):
                 stats = out
         return h, cache, stats
 
+    @compiled_when_eager("return_aux", "remat", "unroll")  # eager calls: one compile per shape (eager.py)
     def __call__(self, input_ids, positions=None, segment_ids=None, *, token_mask=None, return_aux: bool = False,
                  remat: str = "none", unroll: bool = False):
         """input_ids int32 [B, T] → float32 logits [B, T, vocab] (and per-MoE-layer RouterStats if return_aux).
