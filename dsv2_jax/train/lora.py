@@ -33,7 +33,7 @@ from dsv2_jax.config import ConfigError, ModelConfig
 from dsv2_jax.model.lazy_params import TARGET_GROUPS, LoraWeight, matches, projection_layout
 from dsv2_jax.checkpoint.orbax_io import flatten, unflatten
 from dsv2_jax.model.precision import cast_params
-from dsv2_jax.train.state import BATCH_KEYS, Trainer
+from dsv2_jax.train.state import BATCH_KEYS, BoundStep, Trainer
 
 LORA_FILE = "lora.json"
 
@@ -113,10 +113,11 @@ class LoraTrainer(Trainer):
         self.base = base
         frozen_sh = jax.tree.map(lambda x: x.sharding, base)
         batch_sh = {k: self.batch_sharding for k in BATCH_KEYS}
-        step = jax.jit(self._train_step, donate_argnums=0, in_shardings=(self.state_shardings, batch_sh, frozen_sh),
+        step = jax.jit(self._train_step, donate_argnums=0,
+                       in_shardings=(self.state_shardings, batch_sh, self.weights_sharding, frozen_sh),
                        out_shardings=(self.state_shardings, None))
         evaluate = jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"], batch_sh, frozen_sh))
-        self.step = lambda state, batch: step(state, batch, self.base)
+        self.step = BoundStep(step, self.balance_weights, self.base)
         self.eval_step = lambda params, batch: evaluate(params, batch, self.base)
 
     def _init(self, seed: int):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.model.moe import RouterStats
@@ -49,14 +50,22 @@ def balance_terms(stats: RouterStats, cfg: ModelConfig) -> dict[str, jnp.ndarray
     return {name: jnp.sum(jnp.sum(v * has_tokens, -1) / n_seq) for name, v in per_seq.items()}
 
 
-def balance_loss(stats: RouterStats | None, cfg: ModelConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """(α1·L1 + α2·L2 + α3·L3, the unweighted terms for logging). No MoE layers → zero."""
+def balance_weights(cfg: ModelConfig) -> np.ndarray:
+    """[3] float32 (α1, α2, α3), in BALANCE_TERMS order."""
+    return np.asarray([cfg.aux_loss_alpha, cfg.device_aux_loss_alpha, cfg.comm_aux_loss_alpha], np.float32)
+
+
+def balance_loss(stats: RouterStats | None, cfg: ModelConfig,
+                 weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """(α1·L1 + α2·L2 + α3·L3, the unweighted terms for logging). No MoE layers → zero. `weights` [3]: the α
+    as a traced value (the train step takes them as an argument, so runs that differ only in them share one
+    compiled step); default the config's."""
     if stats is None:
         zero = jnp.zeros((), jnp.float32)
         return zero, dict.fromkeys(BALANCE_TERMS, zero)
     terms = balance_terms(stats, cfg)
-    alphas = (cfg.aux_loss_alpha, cfg.device_aux_loss_alpha, cfg.comm_aux_loss_alpha)
-    total = sum(a * terms[name] for a, name in zip(alphas, BALANCE_TERMS))
+    alphas = balance_weights(cfg) if weights is None else weights
+    total = sum(alphas[i] * terms[name] for i, name in enumerate(BALANCE_TERMS))
     return total, terms
 
 

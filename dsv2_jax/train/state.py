@@ -22,7 +22,7 @@ from dsv2_jax.config import ModelConfig
 from dsv2_jax.model.precision import cast_params
 from dsv2_jax.ops.attention_backend import current_platform
 from dsv2_jax.parallel.expert_parallel import dispatch_for, use_dispatch
-from dsv2_jax.train.losses import balance_loss, cross_entropy, expert_load
+from dsv2_jax.train.losses import balance_loss, balance_weights, cross_entropy, expert_load
 from dsv2_jax.model.transformer import abstract_model, random_state
 from dsv2_jax.train.schedule import learning_rate, make_optimizer
 from dsv2_jax.parallel.sharding import batch_sharding, tree_shardings
@@ -46,6 +46,20 @@ def _abstract(mesh):
     return mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
 
 
+class BoundStep:
+    """A jitted step with trailing arguments bound: called (and lowered) as step(state, batch)."""
+
+    def __init__(self, jitted, *bound):
+        self.jitted, self.bound = jitted, bound
+        self.__name__ = getattr(jitted, "__name__", "step")
+
+    def __call__(self, *args):
+        return self.jitted(*args, *self.bound)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, *self.bound)
+
+
 class Trainer:
     """Builds the optimiser, shardings and the compiled step for one (TrainConfig, mesh)."""
 
@@ -65,9 +79,15 @@ class Trainer:
         self.state_shardings = tree_shardings(self.abstract_state, mesh)
         self.batch_sharding = batch_sharding(mesh)
         self.init_state = jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)
-        self.step = jax.jit(self._train_step, donate_argnums=0,
-                            in_shardings=(self.state_shardings, {k: self.batch_sharding for k in BATCH_KEYS}),
-                            out_shardings=(self.state_shardings, None))
+        # The balance-loss weights are an argument, not constants: runs that differ only in them (with and
+        # without balance losses) share one compiled step.
+        self.balance_weights = balance_weights(self.cfg)
+        self.weights_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        step = jax.jit(self._train_step, donate_argnums=0,
+                       in_shardings=(self.state_shardings, {k: self.batch_sharding for k in BATCH_KEYS},
+                                     self.weights_sharding),
+                       out_shardings=(self.state_shardings, None))
+        self.step = BoundStep(step, self.balance_weights)
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"],
                                                                 {k: self.batch_sharding for k in BATCH_KEYS}))
 
@@ -87,14 +107,14 @@ class Trainer:
         """The model a step runs: `params` cast to the compute dtype (LoraTrainer adds its frozen base)."""
         return nnx.merge(self.graphdef, cast_params(params, self.compute_dtype))
 
-    def loss(self, params, batch, frozen=None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    def loss(self, params, batch, frozen=None, weights=None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         model = use_dispatch(self.model_for(params, frozen), self.dispatch)
         with jax.sharding.use_abstract_mesh(_abstract(self.mesh)):  # attention kernels run per shard (shard_map)
             logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                                   token_mask=batch["segment_ids"] > 0, return_aux=True, remat=self.tc.remat,
                                   unroll=unroll_layers(self.tc))
         ce = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        aux, terms = balance_loss(stats, self.cfg)
+        aux, terms = balance_loss(stats, self.cfg, weights)
         metrics = {"ce_loss": ce, "aux_loss": aux, **terms}
         load = expert_load(stats)
         if load is not None:
@@ -109,8 +129,9 @@ class Trainer:
         tokens = batch["loss_mask"].sum()
         return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * tokens, tokens
 
-    def _train_step(self, state, batch, frozen=None):
-        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], batch, frozen)
+    def _train_step(self, state, batch, weights, frozen=None):
+        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], batch, frozen,
+                                                                             weights)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
