@@ -25,16 +25,9 @@ from finetune_fixtures import make_released, write_sft
 TOKENS = np.asarray(np.random.default_rng(0).integers(4, 100, (2, 12)), np.int32)
 
 
-def _forward_impl(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
-
-_forward = jax.jit(_forward_impl, static_argnums=0)
-
-
 def logits(model, tokens=TOKENS) -> np.ndarray:
-    """Jitted forward (eager NNX calls are slow): float32 [B, T, V]."""
-    return np.asarray(_forward(*nnx.split(model), jnp.asarray(tokens)))
+    """float32 [B, T, V] (eager calls compile once per shape: model/eager.py)."""
+    return np.asarray(model(jnp.asarray(tokens)))
 
 
 @pytest.fixture(scope="session")

@@ -134,11 +134,6 @@ def memory_report(cfg: ModelConfig, quantize: str | None = None, dtype="bfloat16
 
 # ---- quality checks against the unquantized model (tests/test_quantize.py, tools/eval_quantize.py) ---------------
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, positions, segment_ids):
-    return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
-
-
 def greedy_agreement(ref, model, prompt: list[int], new_tokens: int = 256) -> dict:
     """Greedy continuations of `prompt` by both models: `teacher_forced` is the fraction of the reference's
     tokens that `model` also ranks first when fed the reference's own prefix; `free_running` the fraction of
@@ -149,7 +144,7 @@ def greedy_agreement(ref, model, prompt: list[int], new_tokens: int = 256) -> di
     got = generate(model, [prompt], new_tokens)[0]
     seq = jnp.asarray([prompt + want], jnp.int32)
     pos = jnp.arange(seq.shape[1], dtype=jnp.int32)[None]
-    logits = _forward(*nnx.split(model), seq, pos, jnp.ones_like(seq))
+    logits = model(seq, pos, jnp.ones_like(seq))  # eager calls compile once (model/eager.py)
     ranked = np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1))
     same = np.asarray(want) == np.asarray(got)
     return {"teacher_forced": float(np.mean(ranked == np.asarray(want))), "free_running": float(same.mean()),
@@ -160,10 +155,9 @@ def perplexity(model, batches) -> float:
     """exp(mean next-token NLL) over the loss_mask tokens of dsv2_jax.train.data batches."""
     from dsv2_jax.train.losses import cross_entropy
 
-    graphdef, state = nnx.split(model)
     nll = count = 0.0
     for b in batches:
-        logits = _forward(graphdef, state, *(jnp.asarray(b[k]) for k in ("inputs", "positions", "segment_ids")))
+        logits = model(*(jnp.asarray(b[k]) for k in ("inputs", "positions", "segment_ids")))
         n = float(b["loss_mask"].sum())
         nll += float(cross_entropy(logits, jnp.asarray(b["targets"]), jnp.asarray(b["loss_mask"]))) * n
         count += n
