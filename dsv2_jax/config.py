@@ -17,7 +17,7 @@ CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "config
                    Path(__file__).resolve().parent / "configs")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 MOE_IMPLS = ("reference", "ragged")
-GROUPED_GEMM_IMPLS = ("auto", "blocked", "gather", "tokamax", "ragged_dot")  # see grouped_gemm.py
+GROUPED_GEMM_IMPLS = ("auto", "cpu", "blocked", "gather", "tokamax", "ragged_dot")  # see grouped_gemm.py
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dsv2_jax.model import moe
 from dsv2_jax.config import ModelConfig
 from dsv2_jax.parallel.expert_parallel import ExpertParallel
 from dsv2_jax.parallel.sharding import make_mesh
+from dsv2_jax.ops.attention_backend import lowering_platform
 
 E, D, F = 8, 16, 12
 # Expert choice per (token, slot). "ragged": top-3 over 4 of the 8 experts (4 empty, one holding ~half the
@@ -59,7 +60,7 @@ FP32 = dict(atol=2e-5, rtol=1e-5)
 BF16 = dict(atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("impl,layout,k", [(impl, layout, k) for impl in ("blocked", "gather")
+@pytest.mark.parametrize("impl,layout,k", [(impl, layout, k) for impl in ("cpu", "blocked", "gather")
                                            for layout, k in (("ragged", 3), ("one_expert", 1))]
                          + [("ragged_dot", "ragged", 3)])  # XLA's own op: one case suffices
 def test_every_backend_equals_reference_fp32(impl, layout, k):
@@ -67,13 +68,13 @@ def test_every_backend_equals_reference_fp32(impl, layout, k):
     check_against_reference(jax.jit(partial(moe.experts_ragged, gemm=impl)), x, r, w, FP32)
 
 
-@pytest.mark.parametrize("impl", ("blocked", "gather"))
+@pytest.mark.parametrize("impl", ("cpu", "blocked", "gather"))
 def test_bf16_within_bf16_tolerance(impl):
     x, r, w = make_problem("ragged", jnp.bfloat16)
     check_against_reference(jax.jit(partial(moe.experts_ragged, gemm=impl)), x, r, w, BF16)
 
 
-@pytest.mark.parametrize("impl", ("blocked", "gather"))
+@pytest.mark.parametrize("impl", ("cpu", "blocked", "gather"))
 def test_ids_past_the_experts_give_zero_rows_and_no_gradient(impl):
     """The expert-parallel buffers mark empty slots with id = E: zeros out, nothing into any weight grad."""
     x, r, w = make_problem("uniform", jnp.float32, n=24, k=1)
@@ -99,12 +100,13 @@ def largest_buffer(impl: str, m: int = 128, e: int = 64, d: int = 16, f: int = 8
     return max(int(np.prod([int(s) for s in dims.split(",") if s])) for dims in re.findall(r"f32\[([\d,]*)\]", hlo))
 
 
-def test_blocked_forward_and_backward_never_expand_to_every_expert():
+def test_cpu_and_blocked_forward_and_backward_never_expand_to_every_expert():
     """128 rows, 64 experts: the dense expansion is E·M·F = 65,536 elements; XLA's ragged_dot builds it on CPU,
-    the blocked path's largest array is the weight stack itself (E·D·F = 8,192)."""
+    the kernel's and the blocked path's largest array is the weight stack itself (E·D·F = 8,192)."""
     dense = 64 * 128 * 8
     assert largest_buffer("ragged_dot") >= dense  # the failure mode this guards against
     assert largest_buffer("blocked") <= 64 * 16 * 8
+    assert largest_buffer("cpu") <= 64 * 16 * 8
 
 
 def test_blocked_backward_writes_bf16_weight_grads_without_fp32_stacks():
@@ -168,10 +170,15 @@ def test_gather_reads_only_the_selected_experts():
     assert max(produced) <= k * d * f < e * d * f
 
 
-def test_auto_picks_gather_for_decode_sized_batches_and_blocked_on_cpu():
+def test_auto_picks_per_platform_and_shape(monkeypatch):
     assert gg.select_impl("auto", m=6, e=160, d=64, f=32) == "gather"  # B=1, top-6: reads 6/160 of the experts
-    assert gg.select_impl("auto", m=2048, e=160, d=64, f=32) == "blocked"
+    assert gg.select_impl("auto", m=2048, e=160, d=64, f=32) == "cpu"
     assert gg.select_impl("tokamax", m=6, e=160, d=64, f=32) == "tokamax"
+    with lowering_platform("tpu"):  # exporting for another platform never takes this host's kernel
+        assert gg.select_impl("auto", m=2048, e=160, d=128, f=128) == "tokamax"
+        assert gg.select_impl("auto", m=2048, e=160, d=64, f=32) == "blocked"
+    monkeypatch.setattr(gg.grouped_gemm_cpu, "available", lambda: False)  # no C++ compiler on this host
+    assert gg.select_impl("auto", m=2048, e=160, d=64, f=32) == "blocked"
     with pytest.raises(ValueError, match="grouped_gemm"):
         gg.select_impl("dense", 6, 160, 64, 32)
 
@@ -200,7 +207,7 @@ def test_expert_parallel_local_experts_use_the_seam(monkeypatch, mode, ragged_a2
     fn = ExpertParallel(make_mesh("data=2,expert=4"), mode, ragged_all_to_all=ragged_a2a)
     jax.make_jaxpr(jax.grad(lambda x: jnp.sum(fn(x, r, *w, gemm="ragged_dot"))))(x)
     jax.make_jaxpr(lambda x: fn(x, r, *w))(x)
-    assert seen == ["ragged_dot", "blocked"]
+    assert seen == ["ragged_dot", "cpu"]
 
 
 # ---- tokamax -------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ decode all call it; `impl` (config `grouped_gemm`) picks the backend, "auto" pic
   * "tokamax" — tokamax's Pallas Mosaic `ragged_dot` (TPU v5+, NVIDIA Ampere+ / Hopper), forward and backward
                 kernels; auto on TPU and on GPUs of compute capability ≥ 9.0. A shape/dtype the kernel rejects
                 at trace time falls back to "blocked".
-  * "blocked" — the generic O(active) path (CPU, older GPUs): rows sorted by expert, a loop over row tiles
+  * "cpu"     — the XLA:CPU custom-call kernel of grouped_gemm_cpu.py (one register-blocked GEMM per expert,
+                forward and backward); auto on CPU wherever a C++ compiler could build it.
+  * "blocked" — the generic O(active) path (older GPUs; CPU without a compiler): rows sorted by expert, a loop over row tiles
                 of `tile` rows (sized to the mean group size), each tile one expert's fused SwiGLU, with a custom
                 VJP of the same shape: forward and backward cost ~(N·K + active_experts·tile) rows, not N·K·E;
                 empty experts cost nothing but O(E) integers. Each expert's weight gradient is summed in fp32
@@ -28,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from dsv2_jax.config import GROUPED_GEMM_IMPLS
+from dsv2_jax.ops import grouped_gemm_cpu
+from dsv2_jax.ops.attention_backend import current_platform
 
 
 def grouped_expert_mlp(x, ids, w_gate, w_up, w_down, rows=None, impl: str = "auto") -> jnp.ndarray:
@@ -47,18 +51,21 @@ def grouped_expert_mlp(x, ids, w_gate, w_up, w_down, rows=None, impl: str = "aut
 
 
 def select_impl(impl: str, m: int, e: int, d: int, f: int) -> str:
-    """Resolves "auto" for a problem of m rows over e experts of shape [d, f] on the default backend."""
+    """Resolves "auto" for a problem of m rows over e experts of shape [d, f] on the platform being lowered for
+    (attention_backend.current_platform)."""
     if impl not in GROUPED_GEMM_IMPLS:
         raise ValueError(f"grouped_gemm must be one of {GROUPED_GEMM_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
     if m <= e:  # fewer token copies than experts: reading only the selected experts' weights is cheapest
         return "gather"
-    device = jax.devices()[0]
-    if device.platform == "tpu" and min(d, f) >= 128:  # the Mosaic TPU kernel's minimum dimensions
+    platform = current_platform()
+    if platform == "tpu" and min(d, f) >= 128:  # the Mosaic TPU kernel's minimum dimensions
         return "tokamax"
-    if device.platform == "gpu" and float(getattr(device, "compute_capability", 0) or 0) >= 9.0:
+    if platform == "gpu" and float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= 9.0:
         return "tokamax"
+    if platform == "cpu" and grouped_gemm_cpu.available():
+        return "cpu"
     return "blocked"
 
 
@@ -68,6 +75,12 @@ def sorted_swiglu(xs, group_sizes, w_gate, w_up, w_down, impl: str) -> jnp.ndarr
         if tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down):
             return _swiglu_with(_tokamax_mosaic, xs, group_sizes, w_gate, w_up, w_down)
         impl = "blocked"  # a shape, dtype or device the kernels do not cover: stay O(active)
+    if impl == "cpu":
+        if current_platform() == "cpu" and grouped_gemm_cpu.available():
+            # Inside shard_map the custom calls' results take their inputs' varying axes: give all one type.
+            args = _unify_varying(xs, group_sizes, w_gate, w_up, w_down)
+            return _swiglu_with(grouped_gemm_cpu.ragged_dot, *args)
+        impl = "blocked"  # lowering for an accelerator, or no compiler here (available() warned)
     if impl == "blocked":
         xs, w_gate, w_up, w_down = _unify_varying(xs, w_gate, w_up, w_down)
         return blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, tile_rows(xs.shape[0], *w_gate.shape))
@@ -93,6 +106,8 @@ def tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down) -> bool:
     def fwd_bwd(xs, group_sizes, *w):
         ys, vjp = jax.vjp(lambda xs, *w: _swiglu_with(_tokamax_mosaic, xs, group_sizes, *w), xs, *w)
         return vjp(ys)
+    if any(map(_varying_axes, (xs, w_gate, w_up, w_down))):
+        return False  # inside shard_map: tokamax's Pallas calls declare no varying mesh axes, which check_vma needs
     try:
         jax.eval_shape(fwd_bwd, xs, group_sizes, w_gate, w_up, w_down)
     except NotImplementedError:
