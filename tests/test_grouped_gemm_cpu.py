@@ -84,3 +84,10 @@ def test_without_a_compiler_the_seam_keeps_blocked(tmp_path, monkeypatch):
         monkeypatch.undo()
         cpu.available.cache_clear()
     assert cpu.available()  # the real kernel registers again for the rest of the session
+
+
+def test_shapes_are_checked_with_a_clear_error():
+    with pytest.raises(ValueError, match=r"rhs \[E, K, N\].*rhs \(2, 8\)"):
+        cpu.ragged_dot(jnp.ones((4, 8)), jnp.ones((2, 8)), jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match="group_sizes"):
+        cpu.ragged_dot(jnp.ones((4, 8)), jnp.ones((2, 8, 3)), jnp.ones((3,), jnp.int32))

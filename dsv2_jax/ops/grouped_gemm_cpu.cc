@@ -13,6 +13,9 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using Mat = ffi::BufferR2<ffi::F32>;    // rows × columns
+using Stack = ffi::BufferR3<ffi::F32>;  // one matrix per group
+using Sizes = ffi::BufferR1<ffi::S32>;  // rows per group
 
 namespace {
 
@@ -82,7 +85,7 @@ void Gemm(int64_t m, int64_t n, int64_t depth, const float* a, int64_t ars, int6
 
 // Calls f(g, start, rows) for each group g with rows > 0, clamped to m rows; returns the rows covered.
 template <typename F>
-int64_t ForEachGroup(const ffi::Buffer<ffi::S32>& sizes, int64_t m, F f) {
+int64_t ForEachGroup(const Sizes& sizes, int64_t m, F f) {
   const int32_t* n = sizes.typed_data();
   int64_t start = 0;
   for (int64_t g = 0; g < static_cast<int64_t>(sizes.element_count()) && start < m; ++g) {
@@ -94,8 +97,7 @@ int64_t ForEachGroup(const ffi::Buffer<ffi::S32>& sizes, int64_t m, F f) {
 }
 
 // out [M, N] = lhs [M, K] · rhs[g] [K, N] per group g.
-ffi::Error GroupedGemm(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Buffer<ffi::S32> sizes,
-                       ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GroupedGemm(Mat lhs, Stack rhs, Sizes sizes, ffi::Result<Mat> out) {
   const int64_t m = lhs.dimensions()[0], k = lhs.dimensions()[1], n = rhs.dimensions()[2];
   const float* x = lhs.typed_data();
   const float* w = rhs.typed_data();
@@ -108,8 +110,7 @@ ffi::Error GroupedGemm(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi
 }
 
 // out [M, K] = dy [M, N] · rhs[g]ᵀ per group g (rhs [E, K, N]): the gradient with respect to lhs.
-ffi::Error GroupedGemmTransposed(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> rhs,
-                                 ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GroupedGemmTransposed(Mat dy, Stack rhs, Sizes sizes, ffi::Result<Mat> out) {
   const int64_t m = dy.dimensions()[0], n = dy.dimensions()[1], k = rhs.dimensions()[1];
   const float* d = dy.typed_data();
   const float* w = rhs.typed_data();
@@ -126,8 +127,7 @@ ffi::Error GroupedGemmTransposed(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32>
 }
 
 // out [E, K, N] = lhs[group g]ᵀ · dy[group g] per group (the gradient with respect to rhs); empty groups zero.
-ffi::Error GroupedOuter(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> sizes,
-                        ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GroupedOuter(Mat lhs, Mat dy, Sizes sizes, ffi::Result<Stack> out) {
   const int64_t m = lhs.dimensions()[0], k = lhs.dimensions()[1], n = dy.dimensions()[1];
   const float* x = lhs.typed_data();
   const float* d = dy.typed_data();
@@ -140,17 +140,14 @@ ffi::Error GroupedOuter(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> dy, ffi
   return ffi::Error::Success();
 }
 
-// Every handler takes (two f32 arrays, the int32 group sizes) and returns one f32 array.
+// Each handler takes (two fp32 arrays, the int32 group sizes) and returns one fp32 array; XLA checks the ranks.
+template <typename A, typename B, typename R>
 auto Binding() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Ret<ffi::Buffer<ffi::F32>>();
+  return ffi::Ffi::Bind().Arg<A>().template Arg<B>().template Arg<Sizes>().template Ret<R>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemm, GroupedGemm, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemmTransposed, GroupedGemmTransposed, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedOuter, GroupedOuter, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemm, GroupedGemm, (Binding<Mat, Stack, Mat>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemmTransposed, GroupedGemmTransposed, (Binding<Mat, Stack, Mat>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedOuter, GroupedOuter, (Binding<Mat, Mat, Stack>()));

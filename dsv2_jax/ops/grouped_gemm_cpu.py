@@ -68,7 +68,9 @@ def build(compiler: str) -> Path:
         cmd = [*shlex.split(compiler), *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+            lines = done.stderr.strip().splitlines()
+            why = next((x for x in lines if "error" in x), lines[-1] if lines else f"exit status {done.returncode}")
+            raise RuntimeError(f"{' '.join(cmd)} failed: {why}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -119,5 +121,8 @@ def ragged_dot(lhs, rhs, group_sizes) -> jnp.ndarray:
     """lhs [M, K] sorted by group, rhs [E, K, N], group_sizes [E] int → [M, N] in lhs's dtype (fp32 inside):
     rows of group g times rhs[g]; rows past Σ group_sizes are zero. Differentiable in lhs and rhs. Inside
     shard_map all three must vary over the same mesh axes."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != rhs.shape[:1] or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"ragged_dot: lhs [M, K], rhs [E, K, N], group_sizes [E] expected, got lhs "
+                         f"{lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
     y = _ragged_dot_f32(lhs.astype(jnp.float32), rhs.astype(jnp.float32), group_sizes.astype(jnp.int32))
     return y.astype(lhs.dtype)
