@@ -180,3 +180,36 @@ def test_sharded_decode_runs_the_expert_parallel_dispatch(hf_v2):
     want, text = _decode_logits(single, cache, nxt)
     assert "all_to_all" not in text
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_tokamax_runs_inside_the_dispatch_and_matches_single_device(monkeypatch):
+    """tokamax's Mosaic TPU ragged_dot (Pallas interpret mode, with a v5e's tiling tables standing in for this
+    CPU) as the local experts' grouped GEMM inside the dispatch's shard_map: values and gradients equal
+    single-device. Under shard_map's vma check its kernels could not run there."""
+    from jax._src import tpu_info
+    from dsv2_jax.ops import grouped_gemm as gg
+    from tests.test_grouped_gemm import interpret_ragged_dot
+
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
+                        lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+    monkeypatch.setattr(gg, "tokamax_ragged_dot", interpret_ragged_dot)
+    ran = []
+    real = gg._tokamax_mosaic
+    monkeypatch.setattr(gg, "_tokamax_mosaic", lambda *a: ran.append(1) or real(*a))
+    n, d, e, f = 512, 128, 8, 128  # the kernel's minimum: ≥ 128 rows and columns per device
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = [jnp.asarray(0.05 * rng.normal(size=s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    r = moe.route(ModelConfig.preset("tiny").replace(hidden_size=d), x, jnp.asarray(rng.normal(size=(d, e)),
+                                                                                   jnp.float32))
+    fn = partial(ExpertParallel(make_mesh("data=2,expert=4"), "dropless"), gemm="tokamax")
+    np.testing.assert_allclose(jax.jit(fn)(x, r, *w), moe.experts_ragged(x, r, *w), atol=1e-4)
+
+    def loss(f, x, wg, wd):
+        return jnp.sum(f(x, r, wg, w[1], wd) ** 2)
+    got = jax.jit(jax.grad(partial(loss, fn), argnums=(0, 1, 2)))(x, w[0], w[2])
+    want = jax.grad(partial(loss, moe.experts_ragged), argnums=(0, 1, 2))(x, w[0], w[2])
+    for g, wg in zip(got, want):
+        np.testing.assert_allclose(g, wg, atol=2e-4, rtol=1e-4)
+    assert len(ran) >= 6  # the kernel, not the blocked fallback, ran forward and backward
+    getattr(tpu_info.get_tpu_info, "cache_clear", lambda: None)()
