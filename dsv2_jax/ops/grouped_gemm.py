@@ -8,14 +8,15 @@ decode all call it; `impl` (config `grouped_gemm`) picks the backend, "auto" pic
                 A B=1 step reads K/E of the expert bytes and skips the sort.
   * "tokamax" — tokamax's Pallas Mosaic `ragged_dot` (TPU v5+, NVIDIA Ampere+ / Hopper), forward and backward
                 kernels; auto on TPU and on GPUs of compute capability ≥ 9.0. A shape/dtype the kernel rejects
-                at trace time falls back to "blocked".
+                at trace time, or a shard_map with vma checks, falls back to "blocked".
   * "cpu"     — the XLA:CPU custom-call kernel of grouped_gemm_cpu.py (one register-blocked GEMM per expert,
                 forward and backward); auto on CPU wherever a C++ compiler could build it.
-  * "blocked" — the generic O(active) path (older GPUs; CPU without a compiler): rows sorted by expert, a loop over row tiles
-                of `tile` rows (sized to the mean group size), each tile one expert's fused SwiGLU, with a custom
-                VJP of the same shape: forward and backward cost ~(N·K + active_experts·tile) rows, not N·K·E;
-                empty experts cost nothing but O(E) integers. Each expert's weight gradient is summed in fp32
-                over its tiles and stored in the weights' dtype into a zero buffer (no fp32 [E, D, F] buffers).
+  * "blocked" — the generic O(active) path (older GPUs; CPU without a compiler): rows sorted by expert, a loop
+                over row tiles of `tile` rows (sized to the mean group size), each tile one expert's fused
+                SwiGLU, with a custom VJP of the same shape: forward and backward cost ~(N·K + active_experts·tile)
+                rows, not N·K·E; empty experts cost nothing but O(E) integers. Each expert's weight gradient is
+                summed in fp32 over its tiles and stored in the weights' dtype into a zero buffer (no fp32
+                [E, D, F] buffers).
   * "ragged_dot" — `jax.lax.ragged_dot` as XLA lowers it (dense-expands on CPU and, mostly, on GPU); kept as
                 a comparison point.
 
