@@ -210,6 +210,34 @@ def test_expert_parallel_local_experts_use_the_seam(monkeypatch, mode, ragged_a2
     assert seen == ["ragged_dot", "cpu"]
 
 
+@pytest.mark.parametrize("impl", ["cpu", "blocked"])
+def test_runs_in_a_shard_map_with_vma_checks(impl):
+    """In a shard_map with the vma check on (a user's; the expert-parallel one runs without it), rows split over
+    the devices and replicated weights: the results and all gradients equal the unsharded call."""
+    from jax.sharding import PartitionSpec as P
+
+    x, r, w = make_problem("uniform", jnp.float32, n=64, k=2)
+    ids = r.experts.reshape(-1)
+    rows = jnp.arange(128) // 2
+    mesh = make_mesh("data=8")
+
+    def sharded(x, *w):  # each device: its 8 tokens' 16 copies
+        fn = jax.shard_map(lambda x, ids, *w: gg.grouped_expert_mlp(x, ids, *w, rows=jnp.arange(16) // 2, impl=impl),
+                           mesh=mesh, in_specs=(P("data"), P("data"), P(), P(), P()), out_specs=P("data"))
+        return fn(x, ids, *w)
+
+    def whole(x, *w):
+        return gg.grouped_expert_mlp(x, ids, *w, rows=rows, impl=impl)
+
+    np.testing.assert_allclose(jax.jit(sharded)(x, *w), whole(x, *w), atol=1e-5)
+    def loss(f, *a):
+        return jnp.sum(jnp.sin(f(*a)))
+    got = jax.jit(jax.grad(partial(loss, sharded), argnums=(0, 1, 2, 3)))(x, *w)
+    want = jax.grad(partial(loss, whole), argnums=(0, 1, 2, 3))(x, *w)
+    for g, gw in zip(got, want):
+        np.testing.assert_allclose(g, gw, atol=1e-5, rtol=1e-5)
+
+
 # ---- tokamax -------------------------------------------------------------------------------------------
 def interpret_ragged_dot(lhs, rhs, group_sizes, **_):
     """tokamax's Mosaic TPU ragged_dot (megablox gmm / tgmm) in Pallas interpret mode, with a fixed tiling
