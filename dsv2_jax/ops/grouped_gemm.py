@@ -104,11 +104,12 @@ def tokamax_accepts(xs, group_sizes, w_gate, w_up, w_down) -> bool:
     """Whether tokamax's kernels take this problem forward AND backward: they refuse at trace time with
     NotImplementedError, and the backward's kernels (dX, dW) are only traced when differentiated, so both are
     traced abstractly here (no compute) before committing to them."""
+    if any(map(_varying_axes, (xs, w_gate, w_up, w_down))):
+        return False  # inside shard_map: tokamax's Pallas calls declare no varying mesh axes, which check_vma needs
+
     def fwd_bwd(xs, group_sizes, *w):
         ys, vjp = jax.vjp(lambda xs, *w: _swiglu_with(_tokamax_mosaic, xs, group_sizes, *w), xs, *w)
         return vjp(ys)
-    if any(map(_varying_axes, (xs, w_gate, w_up, w_down))):
-        return False  # inside shard_map: tokamax's Pallas calls declare no varying mesh axes, which check_vma needs
     try:
         jax.eval_shape(fwd_bwd, xs, group_sizes, w_gate, w_up, w_down)
     except NotImplementedError:

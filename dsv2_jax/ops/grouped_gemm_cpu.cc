@@ -96,33 +96,26 @@ int64_t ForEachGroup(const Sizes& sizes, int64_t m, F f) {
   return start;
 }
 
-// out [M, N] = lhs [M, K] · rhs[g] [K, N] per group g.
+// out [M, cols] = lhs [M, depth] · B_g per group g, where B_g is rhs[g] [K, N] (the forward: depth K, cols N)
+// or, with kTransposeRhs, rhs[g]ᵀ (the gradient with respect to lhs: depth N, cols K).
+template <bool kTransposeRhs>
 ffi::Error GroupedGemm(Mat lhs, Stack rhs, Sizes sizes, ffi::Result<Mat> out) {
-  const int64_t m = lhs.dimensions()[0], k = lhs.dimensions()[1], n = rhs.dimensions()[2];
+  const int64_t m = lhs.dimensions()[0], depth = lhs.dimensions()[1];
+  const int64_t k = rhs.dimensions()[1], n = rhs.dimensions()[2], cols = kTransposeRhs ? k : n;
   const float* x = lhs.typed_data();
   const float* w = rhs.typed_data();
   float* y = out->typed_data();
+  std::vector<float> wt(kTransposeRhs ? static_cast<size_t>(n * k) : 0);  // rhs[g]ᵀ: B rows stay contiguous
   const int64_t end = ForEachGroup(sizes, m, [&](int64_t g, int64_t start, int64_t rows) {
-    Gemm(rows, n, k, x + start * k, k, 1, w + g * k * n, n, y + start * n, n);
+    const float* b = w + g * k * n;
+    if constexpr (kTransposeRhs) {
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < n; ++j) wt[j * k + i] = b[i * n + j];
+      b = wt.data();
+    }
+    Gemm(rows, cols, depth, x + start * depth, depth, 1, b, cols, y + start * cols, cols);
   });
-  std::fill(y + end * n, y + m * n, 0.0f);
-  return ffi::Error::Success();
-}
-
-// out [M, K] = dy [M, N] · rhs[g]ᵀ per group g (rhs [E, K, N]): the gradient with respect to lhs.
-ffi::Error GroupedGemmTransposed(Mat dy, Stack rhs, Sizes sizes, ffi::Result<Mat> out) {
-  const int64_t m = dy.dimensions()[0], n = dy.dimensions()[1], k = rhs.dimensions()[1];
-  const float* d = dy.typed_data();
-  const float* w = rhs.typed_data();
-  float* y = out->typed_data();
-  std::vector<float> wt(static_cast<size_t>(n * k));  // rhs[g]ᵀ [N, K], so B rows stay contiguous
-  const int64_t end = ForEachGroup(sizes, m, [&](int64_t g, int64_t start, int64_t rows) {
-    const float* wg = w + g * k * n;
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < n; ++j) wt[j * k + i] = wg[i * n + j];
-    Gemm(rows, k, n, d + start * n, n, 1, wt.data(), k, y + start * k, k);
-  });
-  std::fill(y + end * k, y + m * k, 0.0f);
+  std::fill(y + end * cols, y + m * cols, 0.0f);
   return ffi::Error::Success();
 }
 
@@ -148,6 +141,6 @@ auto Binding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemm, GroupedGemm, (Binding<Mat, Stack, Mat>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemmTransposed, GroupedGemmTransposed, (Binding<Mat, Stack, Mat>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemm, GroupedGemm<false>, (Binding<Mat, Stack, Mat>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedGemmTransposed, GroupedGemm<true>, (Binding<Mat, Stack, Mat>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DsvGroupedOuter, GroupedOuter, (Binding<Mat, Mat, Stack>()));
